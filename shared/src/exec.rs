@@ -1,0 +1,1 @@
+//! HTTP execution engine (placeholder while the mux lands).

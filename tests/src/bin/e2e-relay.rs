@@ -1,0 +1,6 @@
+//! The relay binary, built inside this crate so integration tests find it through
+//! `env!("CARGO_BIN_EXE_e2e-relay")`.
+
+fn main() -> std::process::ExitCode {
+    airlock_relay::main()
+}
