@@ -1,11 +1,132 @@
-//! Airlock relay: holds connection definitions, serves the REST API and the agents' WebSocket
-//! endpoint, and executes requests of public apps itself (DESIGN.md, "Relay surface").
+//! # airlock-relay
 //!
-//! Modules:
-//! - [`store`]: persistent state (admin tokens, agents, connection definitions) on sqlx/SQLite.
-//! - [`tls`]: the listener's TLS configuration, including the development CA.
-//! - [`token`]: API token generation, hashing and `Authorization: Bearer` parsing.
+//! Holds connection definitions, serves the REST API and the agents' WebSocket endpoint, and
+//! executes requests of public apps itself (DESIGN.md, "Relay surface").
+//!
+//! - [`server`]: the listener (TLS, HTTP/1.1, graceful shutdown) and the router.
+//! - [`tunnel`]: `GET /v1/agent/connect`, the handshake, the registry of agent sessions.
+//! - [`proxy`]: the main job (`/v1/connections/{name}/proxy/…`) and the test request.
+//! - [`api`]: agents and connection definitions (CRUD).
+//! - [`store`]: persistent state on sqlx/SQLite. [`state`]: what handlers share.
+//! - [`tls`], [`token`], [`problem`] (RFC 9457 errors), [`config`], [`cli`] (client subcommands).
+//!
+//! `main.rs` only calls [`main`]; tests drive [`server::run`] or the binary.
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod problem;
+pub mod proxy;
+pub mod server;
+pub mod state;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod tunnel;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// The `airlock-relay` program.
+pub fn main() -> ExitCode {
+    let cli = config::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        config::Command::Serve(args) => {
+            init_tracing(args.log_format == "json");
+            let config = match server::RelayConfig::try_from(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(config.listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("error: cannot listen on {}: {e}", config.listen);
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let shutdown = CancellationToken::new();
+                let trigger = shutdown.clone();
+                tokio::spawn(async move {
+                    signal().await;
+                    tracing::info!("signal received; shutting down");
+                    trigger.cancel();
+                    // A second signal stops at once.
+                    signal().await;
+                    std::process::exit(130);
+                });
+                match server::run(config, listener, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "relay failed");
+                        eprintln!("error: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        config::Command::Agents { client, command } => {
+            init_tracing(false);
+            client_exit(runtime.block_on(cli::run_agents(&client, command)))
+        }
+        config::Command::Connections { client, command } => {
+            init_tracing(false);
+            client_exit(runtime.block_on(cli::run_connections(&client, command)))
+        }
+    }
+}
+
+fn client_exit(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,4 @@
-fn main() {}
+//! `airlock-relay`: see the library crate.
+fn main() -> std::process::ExitCode {
+    airlock_relay::main()
+}

@@ -316,6 +316,15 @@ pub struct Mux {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mux")
+            .field("role", &self.shared.config.role)
+            .field("active_streams", &self.active_streams())
+            .finish()
+    }
+}
+
 /// Owns the WebSocket; run it with [`Driver::run`] until the connection ends.
 pub struct Driver<S> {
     ws: S,
@@ -666,6 +675,15 @@ impl SendStream {
     /// Cancel safe.
     pub async fn cancelled(&mut self) {
         let _ = self.cancelled.wait_for(|c| *c).await;
+    }
+
+    /// Like [`SendStream::cancelled`], but independent of this handle, so it can be awaited
+    /// while the handle is busy sending.
+    pub fn cancellation(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.cancelled.clone();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
     }
 }
 

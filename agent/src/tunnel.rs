@@ -1,0 +1,392 @@
+//! The agent's side of the tunnel: dial out, handshake, serve streams, reconnect forever.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use airlock_shared::exec::{self, BoxError, Engine, LengthChecked};
+use airlock_shared::model::ConnectionSpec;
+use airlock_shared::mux::{self, Inbound, IncomingStream, Mux, MuxConfig, RecvStream, Role};
+use airlock_shared::proto::{self, BodyKind, Frame, Hello, ResetCode};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body::Frame as BodyFrame;
+use http_body_util::BodyExt;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::Connector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::AgentConfig;
+
+/// Time allowed for TCP + TLS + WebSocket upgrade + Welcome: 15 s.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Live state, for metrics and tests.
+#[derive(Default)]
+pub struct AgentStatus {
+    connected: AtomicBool,
+    mux: Mutex<Option<Mux>>,
+}
+
+impl AgentStatus {
+    /// True while a tunnel connection is up.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Streams in flight on the current connection.
+    pub fn active_streams(&self) -> usize {
+        self.mux
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.active_streams())
+            .unwrap_or(0)
+    }
+}
+
+fn tls_config(config: &AgentConfig) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs_roots() {
+        let _ = roots.add(cert);
+    }
+    if let Some(pem) = &config.ca_pem {
+        for cert in exec::parse_certificates(pem).map_err(anyhow::Error::msg)? {
+            roots.add(cert)?;
+        }
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(exec::crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+fn rustls_native_certs_roots() -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    rustls_native_certs::load_native_certs().certs
+}
+
+/// Why one connection attempt or session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// Never got a Welcome.
+    Failed(String),
+    /// A session ran and ended.
+    Ended { healthy: bool },
+    /// Shutdown was requested and the session drained.
+    Shutdown,
+}
+
+/// Runs the agent until `shutdown` is cancelled: connect, serve, reconnect with backoff.
+///
+/// # Errors
+/// Only configuration failures (TLS setup); connection failures are retried forever.
+pub async fn run(
+    config: AgentConfig,
+    status: Arc<AgentStatus>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if matches!(config.policy, exec::DestinationPolicy::Any) {
+        warn!("--allow-any: this agent will call any destination the relay asks for");
+    }
+    let tls = Arc::new(tls_config(&config)?);
+    let engine = Arc::new(Engine::new(config.policy.clone()));
+    let agent_id = uuid_like();
+    let hostname = hostname();
+    let mut attempt: u32 = 0;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let end = session(
+            &config, &tls, &engine, &status, &shutdown, &agent_id, &hostname,
+        )
+        .await;
+        match end {
+            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Ended { healthy: true } => attempt = 0,
+            SessionEnd::Ended { healthy: false } => attempt = attempt.saturating_add(1),
+            SessionEnd::Failed(reason) => {
+                warn!(%reason, attempt, "could not connect to the relay");
+                attempt = attempt.saturating_add(1);
+            }
+        }
+        let delay = config
+            .backoff
+            .delay(attempt.saturating_sub(1), rand::random::<f64>());
+        debug!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting after backoff"
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn session(
+    config: &AgentConfig,
+    tls: &Arc<rustls::ClientConfig>,
+    engine: &Arc<Engine>,
+    status: &Arc<AgentStatus>,
+    shutdown: &CancellationToken,
+    agent_id: &str,
+    hostname: &str,
+) -> SessionEnd {
+    let connect = async {
+        let mut request = config
+            .relay_url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| format!("bad relay URL: {e}"))?;
+        let auth = format!("Bearer {}", config.token.expose());
+        let mut value = http::HeaderValue::from_str(&auth)
+            .map_err(|_| "token is not a valid header value".to_string())?;
+        value.set_sensitive(true);
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, value);
+        let ws_config = airlock_shared_ws_config();
+        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(ws_config),
+            true, // TCP_NODELAY
+            Some(Connector::Rustls(tls.clone())),
+        )
+        .await
+        .map_err(describe_connect_error)?;
+        let hello = Hello {
+            versions: proto::SUPPORTED_VERSIONS.to_vec(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_id: agent_id.to_string(),
+            hostname: hostname.to_string(),
+        };
+        mux::send_frame(&mut ws, &Frame::Hello(hello))
+            .await
+            .map_err(|e| format!("sending Hello: {e}"))?;
+        match mux::recv_frame(&mut ws, CONNECT_TIMEOUT).await {
+            Ok(Frame::Welcome(w)) => Ok((ws, w)),
+            Ok(Frame::Reject(r)) => Err(format!("relay rejected the agent: {}", r.reason)),
+            Ok(other) => Err(format!("expected Welcome, got {}", other.kind())),
+            Err(e) => Err(format!("handshake: {e}")),
+        }
+    };
+    let (ws, welcome) = tokio::select! {
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+        r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
+            Err(_) => return SessionEnd::Failed("timed out connecting".into()),
+            Ok(Err(e)) => return SessionEnd::Failed(e),
+            Ok(Ok(x)) => x,
+        },
+    };
+    let mux_config = match MuxConfig::from_welcome(Role::Agent, &welcome) {
+        Ok(c) => c,
+        Err(e) => return SessionEnd::Failed(e.to_string()),
+    };
+    let (mux, driver, mut incoming) = Mux::new(ws, mux_config);
+    let span = tracing::info_span!("session", session_id = %welcome.session_id);
+    info!(parent: &span, relay = %config.relay_url, version = welcome.version, "connected to the relay");
+    *status.mux.lock().unwrap_or_else(|e| e.into_inner()) = Some(mux.clone());
+    status.connected.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let tracker = TaskTracker::new();
+    let driver_task = tokio::spawn(driver.run().instrument(span.clone()));
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            s = incoming.accept() => match s {
+                Some(s) => {
+                    let engine = engine.clone();
+                    let stream_span = tracing::info_span!(parent: &span, "stream", stream_id = %s.id);
+                    tracker.spawn(handle_stream(engine, s).instrument(stream_span));
+                }
+                None => break,
+            },
+            _ = shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                info!(parent: &span, in_flight = mux.active_streams(), "draining: no new streams, finishing in-flight ones");
+                mux.go_away("agent shutting down");
+                let grace = config.drain_grace;
+                let drain_mux = mux.clone();
+                tokio::spawn(async move {
+                    if tokio::time::timeout(grace, drain_mux.drained()).await.is_err() {
+                        warn!("in-flight streams did not finish within the drain grace period");
+                    }
+                    drain_mux.close(1001, "agent shutting down");
+                });
+            }
+        }
+    }
+    let reason = match driver_task.await {
+        Ok(r) => r.to_string(),
+        Err(e) => format!("driver task failed: {e}"),
+    };
+    tracker.close();
+    status.connected.store(false, Ordering::Relaxed);
+    *status.mux.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    if shutting_down {
+        info!(parent: &span, "disconnected after draining");
+        return SessionEnd::Shutdown;
+    }
+    warn!(parent: &span, %reason, "disconnected from the relay");
+    SessionEnd::Ended {
+        healthy: started.elapsed() >= config.backoff.healthy_after,
+    }
+}
+
+fn airlock_shared_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let max = proto::MAX_FRAME_SIZE_LIMIT;
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+        .write_buffer_size(128 * 1024)
+}
+
+fn describe_connect_error(e: WsError) -> String {
+    match e {
+        WsError::Http(resp) => {
+            let status = resp.status();
+            let detail = resp
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string))
+                .unwrap_or_default();
+            if status == http::StatusCode::UNAUTHORIZED {
+                format!("relay refused the agent token (401): {detail}")
+            } else {
+                format!("relay answered {status}: {detail}")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The request body of a stream, as an `http_body::Body`. A reset is a body error.
+struct RecvBody {
+    recv: RecvStream,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body aborted: {0}")]
+struct BodyAborted(String);
+
+impl http_body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<BodyFrame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        match self.recv.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Inbound::Data(d))) => Poll::Ready(Some(Ok(BodyFrame::data(d)))),
+            Poll::Ready(Some(Inbound::End)) | Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Inbound::Reset { code, message })) => Poll::Ready(Some(Err(
+                Box::new(BodyAborted(format!("{}: {message}", code.as_str()))),
+            ))),
+            Poll::Ready(Some(Inbound::Response(_))) => Poll::Ready(Some(Err(Box::new(
+                BodyAborted("unexpected response head".into()),
+            )))),
+        }
+    }
+}
+
+/// Executes one stream: runs the request against the upstream and streams the response back.
+/// A reset from the relay (client gone) drops the upstream request at once.
+async fn handle_stream(engine: Arc<Engine>, s: IncomingStream) {
+    let IncomingStream {
+        id: _,
+        head,
+        spec,
+        mut send,
+        recv,
+    } = s;
+    let cancelled = send.cancellation();
+    let spec: ConnectionSpec = match serde_json::from_slice(&spec) {
+        Ok(s) => s,
+        Err(e) => {
+            // The error names the field, never a value.
+            warn!(
+                line = e.line(),
+                column = e.column(),
+                "connection definition not understood"
+            );
+            send.reset(
+                ResetCode::InvalidRequest,
+                "this agent does not understand the connection definition; upgrade the agent",
+            );
+            return;
+        }
+    };
+    let path = head.target.split('?').next().unwrap_or("/").to_string();
+    debug!(method = %head.method, %path, connection = %spec.name, "executing");
+    let body = match head.body {
+        BodyKind::Empty => None,
+        BodyKind::Length(n) => Some(LengthChecked::new(RecvBody { recv }, Some(n)).boxed_unsync()),
+        BodyKind::Streamed => Some(LengthChecked::new(RecvBody { recv }, None).boxed_unsync()),
+    };
+    let work = async {
+        let up = match engine.execute(&spec, &head, body).await {
+            Ok(up) => up,
+            Err(e) => {
+                info!(code = e.code.as_str(), error = %e.message, %path, "request failed");
+                return Err((e.code, e.message));
+            }
+        };
+        let kind = up.body;
+        send.send_response(up.status, exec::to_fields(&up.headers), kind)
+            .map_err(|e| (ResetCode::Cancel, e.to_string()))?;
+        if kind == BodyKind::Empty {
+            return Ok(());
+        }
+        let mut stream = up.response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => send
+                    .send_data(bytes)
+                    .await
+                    .map_err(|e| (ResetCode::Cancel, e.to_string()))?,
+                Err(e) => {
+                    let e = exec::classify(&e);
+                    return Err((ResetCode::UpstreamProtocol, e.message));
+                }
+            }
+        }
+        Ok(())
+    };
+    let result = tokio::select! {
+        r = work => r,
+        () = cancelled => {
+            debug!(%path, "stream cancelled by the relay; upstream request dropped");
+            return;
+        }
+    };
+    match result {
+        Ok(()) => {
+            if send.finish().is_err() {
+                debug!("stream was reset before its end");
+            }
+        }
+        Err((ResetCode::Cancel, _)) => {}
+        Err((code, message)) => send.reset(code, &message),
+    }
+}

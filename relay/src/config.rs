@@ -1,0 +1,198 @@
+//! Command line and environment of `airlock-relay` (clap derive), validated into a
+//! [`RelayConfig`] before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cli::{AgentsCommand, ClientArgs, ConnectionsCommand};
+use crate::server::{RelayConfig, TlsMode};
+use crate::state::TunnelSettings;
+
+/// Airlock relay: lets cloud services call HTTP APIs inside private networks through agents.
+#[derive(Debug, Parser)]
+#[command(name = "airlock-relay", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay server.
+    Serve(ServeArgs),
+    /// Manage agents of a running relay (AIRLOCK_RELAY_URL, AIRLOCK_TOKEN).
+    Agents {
+        /// Relay to talk to.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Action.
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
+    /// Manage connection definitions of a running relay (AIRLOCK_RELAY_URL, AIRLOCK_TOKEN).
+    Connections {
+        /// Relay to talk to.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Action.
+        #[command(subcommand)]
+        command: ConnectionsCommand,
+    },
+}
+
+/// `airlock-relay serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "AIRLOCK_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Data directory: SQLite store, admin token, development TLS files.
+    #[arg(long, env = "AIRLOCK_DATA_DIR", default_value = "airlock-data")]
+    pub data_dir: PathBuf,
+    /// Generate a development CA and server certificate under <data-dir>/tls.
+    #[arg(long, env = "AIRLOCK_DEV_TLS", conflicts_with_all = ["tls_cert", "tls_key", "no_tls"])]
+    pub dev_tls: bool,
+    /// Extra DNS name or IP address for the development server certificate (repeatable).
+    #[arg(long = "dev-tls-name", value_name = "NAME", requires = "dev_tls")]
+    pub dev_tls_names: Vec<String>,
+    /// Server certificate chain (PEM).
+    #[arg(long, env = "AIRLOCK_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "AIRLOCK_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP (only behind a TLS-terminating load balancer).
+    #[arg(long, env = "AIRLOCK_NO_TLS")]
+    pub no_tls: bool,
+    /// Let public connections reach loopback, private and link-local addresses.
+    #[arg(long, env = "AIRLOCK_ALLOW_PRIVATE_DESTINATIONS")]
+    pub allow_private_destinations: bool,
+    /// Tunnel heartbeat interval in milliseconds (an agent silent for 3 intervals is dropped).
+    #[arg(long, env = "AIRLOCK_HEARTBEAT_MS", default_value_t = 15_000)]
+    pub heartbeat_ms: u64,
+    /// Per-stream flow-control window in bytes.
+    #[arg(long, env = "AIRLOCK_STREAM_WINDOW", default_value_t = 1024 * 1024)]
+    pub stream_window: u32,
+    /// Per-connection flow-control window in bytes.
+    #[arg(long, env = "AIRLOCK_CONNECTION_WINDOW", default_value_t = 16 * 1024 * 1024)]
+    pub connection_window: u32,
+    /// Most concurrent streams per agent connection.
+    #[arg(long, env = "AIRLOCK_MAX_STREAMS", default_value_t = 1024)]
+    pub max_streams: u32,
+    /// Seconds to let in-flight requests finish at shutdown.
+    #[arg(long, env = "AIRLOCK_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+    /// Log format.
+    #[arg(long, env = "AIRLOCK_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    pub log_format: String,
+}
+
+/// A configuration value is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    /// The flag at fault.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl TryFrom<&ServeArgs> for RelayConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: &ServeArgs) -> Result<Self, ConfigError> {
+        let tls = if a.dev_tls {
+            TlsMode::Dev {
+                names: a.dev_tls_names.clone(),
+            }
+        } else if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+            TlsMode::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }
+        } else if a.no_tls {
+            TlsMode::Plain
+        } else {
+            return Err(ConfigError {
+                field: "--tls-cert",
+                message: "choose --tls-cert/--tls-key, --dev-tls (development) or --no-tls (behind a TLS proxy)".into(),
+            });
+        };
+        let chunk = airlock_shared::proto::MAX_DATA_CHUNK as u32;
+        if a.stream_window < chunk {
+            return Err(ConfigError {
+                field: "--stream-window",
+                message: format!("must be at least {chunk} bytes"),
+            });
+        }
+        if a.connection_window < a.stream_window {
+            return Err(ConfigError {
+                field: "--connection-window",
+                message: "must be at least --stream-window".into(),
+            });
+        }
+        if a.heartbeat_ms < 100 || a.heartbeat_ms > 600_000 {
+            return Err(ConfigError {
+                field: "--heartbeat-ms",
+                message: "must be between 100 and 600000".into(),
+            });
+        }
+        if a.max_streams == 0 {
+            return Err(ConfigError {
+                field: "--max-streams",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(RelayConfig {
+            listen: a.listen,
+            data_dir: a.data_dir.clone(),
+            tls,
+            allow_private_destinations: a.allow_private_destinations,
+            tunnel: TunnelSettings {
+                heartbeat: Duration::from_millis(a.heartbeat_ms),
+                initial_window: a.stream_window,
+                connection_window: a.connection_window,
+                max_frame_size: airlock_shared::proto::DEFAULT_MAX_FRAME_SIZE,
+                max_concurrent_streams: a.max_streams,
+            },
+            shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RelayConfig, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Serve(s) => RelayConfig::try_from(&s).map_err(|e| e.to_string()),
+            _ => Err("not serve".into()),
+        }
+    }
+
+    #[test]
+    fn tls_choice_is_required_and_exclusive() {
+        assert!(parse(&["r", "serve"]).unwrap_err().contains("--tls-cert"));
+        assert!(parse(&["r", "serve", "--dev-tls", "--no-tls"]).is_err());
+        assert!(parse(&["r", "serve", "--tls-cert", "c.pem"]).is_err());
+        assert!(matches!(
+            parse(&["r", "serve", "--dev-tls"]).unwrap().tls,
+            TlsMode::Dev { .. }
+        ));
+    }
+
+    #[test]
+    fn windows_are_checked() {
+        let e = parse(&["r", "serve", "--no-tls", "--stream-window", "10"]).unwrap_err();
+        assert!(e.contains("--stream-window"));
+        let e = parse(&["r", "serve", "--no-tls", "--heartbeat-ms", "0"]).unwrap_err();
+        assert!(e.contains("--heartbeat-ms"));
+    }
+}

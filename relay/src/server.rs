@@ -1,0 +1,277 @@
+//! The relay server: store, admin token bootstrap, TLS listener, router, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_shared::exec::{DestinationPolicy, Engine};
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::problem::Problem;
+use crate::state::{AppState, TunnelSettings};
+use crate::store::Store;
+
+/// Time a client has to complete the TLS handshake: 10 s.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a client has to send a complete request head: 30 s.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the listener speaks TLS.
+#[derive(Debug, Clone)]
+pub enum TlsMode {
+    /// A development CA and server certificate under `<data-dir>/tls`, with these extra names.
+    Dev {
+        /// Extra DNS names or IPs for the server certificate.
+        names: Vec<String>,
+    },
+    /// Certificate chain and key from PEM files.
+    Files {
+        /// Certificate chain PEM.
+        cert: PathBuf,
+        /// Private key PEM.
+        key: PathBuf,
+    },
+    /// Plain HTTP, for use behind a TLS-terminating load balancer only.
+    Plain,
+}
+
+/// Validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Data directory (SQLite store, admin token, dev TLS).
+    pub data_dir: PathBuf,
+    /// TLS mode.
+    pub tls: TlsMode,
+    /// Let public connections reach loopback/private/link-local addresses.
+    pub allow_private_destinations: bool,
+    /// Tunnel parameters.
+    pub tunnel: TunnelSettings,
+    /// Longest wait for in-flight work at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Name of the admin token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+async fn bootstrap_admin_token(store: &Store, data_dir: &Path) -> anyhow::Result<()> {
+    if store.admin_token_count().await? > 0 {
+        return Ok(());
+    }
+    let token = crate::token::generate(crate::token::ADMIN_PREFIX);
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    write_secret_file(&path, &format!("{token}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    store
+        .insert_admin_token(&crate::token::hash(&token))
+        .await?;
+    info!(path = %path.display(), "first start: admin API token written (mode 0600)");
+    Ok(())
+}
+
+fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+/// Builds the router over `state`. Tested without a socket.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/agent/connect", get(crate::tunnel::connect))
+        .route("/v1/connections/{name}/proxy", any(crate::proxy::proxy))
+        .route(
+            "/v1/connections/{name}/proxy/{*path}",
+            any(crate::proxy::proxy),
+        )
+        .route(
+            "/v1/connections/{name}/test",
+            post(crate::proxy::test_connection),
+        )
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(state.clone())
+        .merge(crate::api::router(state))
+        .fallback(|| async { Problem::not_found("no such endpoint").into_response() })
+}
+
+async fn healthz() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let sessions = state.registry.all();
+    let streams: usize = sessions.iter().map(|s| s.mux.active_streams()).sum();
+    let body = format!(
+        "# HELP airlock_agents_connected Agent tunnel connections open.\n\
+         # TYPE airlock_agents_connected gauge\n\
+         airlock_agents_connected {}\n\
+         # HELP airlock_streams_active Tunnel streams in flight.\n\
+         # TYPE airlock_streams_active gauge\n\
+         airlock_streams_active {}\n",
+        sessions.len(),
+        streams
+    );
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}
+
+/// Runs the relay on `listener` until `shutdown` is cancelled, then drains: agents get GoAway,
+/// in-flight requests finish (up to `shutdown_grace`), tunnels close with 1001.
+///
+/// Prints `airlock-relay listening on <url>` to stdout once ready.
+///
+/// # Errors
+/// Store, TLS or listener failures at start.
+pub async fn run(
+    config: RelayConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    crate::tls::install_crypto_provider();
+    let addr = listener.local_addr()?;
+    let store = Store::open_sqlite(&config.data_dir)
+        .await
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    bootstrap_admin_token(&store, &config.data_dir).await?;
+    let acceptor = match &config.tls {
+        TlsMode::Dev { names } => {
+            let mut names = names.clone();
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+            let dev = crate::tls::dev_tls(&config.data_dir, &names)?;
+            info!(ca = %dev.ca_path.display(), "development TLS: agents trust this CA with --ca-file");
+            Some(TlsAcceptor::from(Arc::new(crate::tls::server_config(
+                &dev.cert_pem,
+                &dev.key_pem,
+            )?)))
+        }
+        TlsMode::Files { cert, key } => Some(TlsAcceptor::from(Arc::new(
+            crate::tls::server_config_from_files(cert, key)?,
+        ))),
+        TlsMode::Plain => {
+            warn!("serving plain HTTP: put a TLS-terminating proxy in front of this relay");
+            None
+        }
+    };
+    let policy = if config.allow_private_destinations {
+        warn!("public connections may reach private, loopback and link-local addresses (--allow-private-destinations)");
+        DestinationPolicy::Any
+    } else {
+        DestinationPolicy::PublicOnly
+    };
+    let state = Arc::new(
+        AppState::new(
+            store.clone(),
+            Engine::new(policy),
+            config.tunnel.clone(),
+            shutdown.child_token(),
+        )
+        .await?,
+    );
+    let app = router(state.clone());
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    println!("airlock-relay listening on {scheme}://{addr}");
+    info!(%addr, scheme, "relay ready");
+
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let builder = {
+                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                b.http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                b.http1_only()
+            };
+            let service = TowerToHyperService::new(app);
+            let result = match acceptor {
+                Some(acceptor) => {
+                    let tls =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(t)) => t,
+                            Ok(Err(e)) => {
+                                debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    info!("shutting down: draining agents and in-flight requests");
+    state.shutdown.cancel();
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        graceful.shutdown().await;
+        while !state.registry.all().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(grace = ?config.shutdown_grace, "in-flight work did not finish within the grace period");
+        for s in state.registry.all() {
+            s.mux.close(1001, "relay shutting down");
+        }
+    }
+    store.close().await;
+    Ok(())
+}
