@@ -430,10 +430,19 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("{method} {url}: cannot reach the relay"))?;
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let hint = if error_chain(&e).contains("invalid peer certificate") {
+                    " (is the relay's CA trusted? set AIRLOCK_CA_FILE or --ca-file, e.g. to \
+                     <data-dir>/tls/ca.pem)"
+                } else {
+                    ""
+                };
+                return Err(anyhow::Error::new(e)
+                    .context(format!("{method} {url}: cannot reach the relay{hint}")));
+            }
+        };
         let status = response.status();
         let bytes = response
             .bytes()
@@ -449,6 +458,18 @@ impl Client {
         }
         Err(answer_error(status, &bytes))
     }
+}
+
+/// The messages of `e` and its sources, joined by `: `.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// `base` with `segments` appended, each percent-encoded; a trailing `/` of `base` is dropped.
