@@ -124,6 +124,8 @@ pub fn main() -> ExitCode {
 fn client_exit(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        // Already reported on stderr.
+        Err(e) if e.is::<cli::Reported>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -76,7 +76,7 @@ impl Problem {
 }
 
 fn title(slug: &str) -> String {
-    let mut s = slug.replace('_', " ");
+    let mut s = slug.replace('_', " ").replace("json", "JSON");
     if let Some(first) = s.get_mut(0..1) {
         first.make_ascii_uppercase();
     }

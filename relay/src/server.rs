@@ -115,6 +115,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state.clone())
         .merge(crate::api::router(state))
         .fallback(|| async { Problem::not_found("no such endpoint").into_response() })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not support that method",
+            )
+            .into_response()
+        })
 }
 
 async fn healthz() -> Response {

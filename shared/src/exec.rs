@@ -747,7 +747,7 @@ impl Body for SyncBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 
     fn is_end_stream(&self) -> bool {
