@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use airlock_tests::{
-    require_netns, wait_agent_online, Agent, AgentOptions, Httpbin, Netns, Relay,
-};
+use airlock_tests::{require_netns, wait_agent_online, Agent, AgentOptions, Httpbin, Netns, Relay};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -18,7 +16,10 @@ async fn the_private_app_is_reachable_only_through_the_agent() {
 
     // From the relay's namespace the app is unreachable.
     let direct = Netns::connect_in(None, httpbin.addr, Duration::from_secs(2)).await;
-    assert!(direct.is_err(), "the private app is reachable from the relay's side");
+    assert!(
+        direct.is_err(),
+        "the private app is reachable from the relay's side"
+    );
     // From the agent's namespace it answers.
     let status = Netns::http_status_in(
         Some(ns.agent_ns()),
@@ -47,7 +48,10 @@ async fn the_private_app_is_reachable_only_through_the_agent() {
         .unwrap();
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["type"].as_str().unwrap().ends_with("/connect"), "{body}");
+    assert!(
+        body["type"].as_str().unwrap().ends_with("/connect"),
+        "{body}"
+    );
 
     // Through an agent in namespace A it works.
     let (id, token) = relay.create_agent("fw-agent", "dc1").await.unwrap();

@@ -51,7 +51,11 @@ async fn slow_reader_keeps_relay_and_agent_memory_flat() {
         .await
         .unwrap();
     // Warm both processes up with a small request so the baseline includes pools and buffers.
-    let warm = relay.proxy(Method::GET, "up", "bytes/100000?seed=1").send().await.unwrap();
+    let warm = relay
+        .proxy(Method::GET, "up", "bytes/100000?seed=1")
+        .send()
+        .await
+        .unwrap();
     warm.bytes().await.unwrap();
     let (relay_pid, agent_pid) = (relay.pid().unwrap(), agent.pid().unwrap());
     let (relay_base, agent_base) = (rss(relay_pid), rss(agent_pid));
@@ -110,6 +114,12 @@ async fn slow_reader_keeps_relay_and_agent_memory_flat() {
         agent_growth / 1024,
         agent_base / 1024
     );
-    assert!(relay_growth < LIMIT, "relay RSS grew by {relay_growth} bytes");
-    assert!(agent_growth < LIMIT, "agent RSS grew by {agent_growth} bytes");
+    assert!(
+        relay_growth < LIMIT,
+        "relay RSS grew by {relay_growth} bytes"
+    );
+    assert!(
+        agent_growth < LIMIT,
+        "agent RSS grew by {agent_growth} bytes"
+    );
 }
