@@ -24,9 +24,10 @@
 //!
 //! A connection *view* is the definition's JSON with every secret replaced by `{"set": true}`
 //! (or `{"set": false}` when empty), so no answer ever carries a secret ([`connection_view`]). In
-//! a `PUT`, a secret that is omitted or given as `{"set": true}` keeps its stored value (when the
-//! auth type is unchanged), and `{"set": false}` clears it; a `GET` view can thus be edited and
-//! sent back as is.
+//! a `PUT`, a secret that is omitted or given as `{"set": true}` keeps its stored value (auth
+//! secrets when the auth type is unchanged, header values and query parameters matched by name;
+//! see [`keep_stored_secrets`]), and `{"set": false}` clears it; a `GET` view can thus be edited
+//! and sent back as is.
 //!
 //! Request errors: a `Content-Type` other than `application/json` (or `application/*+json`) is
 //! 415 `unsupported_media_type`; a body over [`MAX_BODY_BYTES`] is 413 `payload_too_large`;
@@ -37,7 +38,7 @@
 
 use std::sync::Arc;
 
-use airlock_shared::model::{valid_name, Auth, ConnectionDefinition};
+use airlock_shared::model::{valid_name, ConnectionDefinition};
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
@@ -282,22 +283,39 @@ fn sanitize_serde_message(message: &str) -> String {
     }
 }
 
-/// Refuses secret markers (`{"set": …}`) left in `auth` once stored values have been merged: in
-/// a create, or a `PUT` changing the auth type, there is no stored value for them to stand for.
+/// Refuses secret markers (`{"set": …}`) left anywhere in `auth` or `tls` once stored values
+/// have been merged: in a create, a `PUT` changing the auth type, or for a header or query
+/// parameter the stored definition does not have, there is no stored value for them to stand for.
 fn refuse_secret_markers(body: &Value) -> Result<(), Problem> {
-    let Some(auth) = body.get("auth").and_then(Value::as_object) else {
-        return Ok(());
-    };
-    for (key, value) in auth {
-        if secret_marker(value).is_some() {
+    for key in ["auth", "tls"] {
+        if let Some(field) = body.get(key).and_then(|v| find_marker(v, key.to_string())) {
             return Err(invalid_field(
-                Some(&format!("auth.{key}")),
-                "needs the secret's value: {\"set\": …} keeps a stored value only in an update \
-                 that keeps the auth type",
+                Some(&field),
+                "needs the secret's value: {\"set\": …} keeps a stored value only in an update, \
+                 for a secret the stored definition has (same auth type; headers and query \
+                 parameters matched by name)",
             ));
         }
     }
     Ok(())
+}
+
+/// The path (`auth.headers[0].value`, `auth.params.api_key`) of the first secret marker in
+/// `value`, whose own path is `path`.
+fn find_marker(value: &Value, path: String) -> Option<String> {
+    if secret_marker(value).is_some() {
+        return Some(path);
+    }
+    match value {
+        Value::Object(object) => object
+            .iter()
+            .find_map(|(key, v)| find_marker(v, format!("{path}.{key}"))),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| find_marker(v, format!("{path}[{i}]"))),
+        _ => None,
+    }
 }
 
 fn validated(definition: &ConnectionDefinition) -> Result<(), Problem> {
@@ -453,28 +471,14 @@ async fn revoke_agent(
 
 // ---- connections ----
 
-/// Dotted JSON paths of the secret fields of an auth type. Every new auth type must list its
-/// secrets here (the match is exhaustive, so adding a variant does not compile until it does).
-fn secret_fields(auth: &Auth) -> &'static [&'static str] {
-    match auth {
-        Auth::None => &[],
-        Auth::Basic { .. } => &["auth.password"],
-    }
-}
-
-/// JSON pointer (RFC 6901) of a dotted field path; field names contain no `~` or `/`.
-fn pointer(field: &str) -> String {
-    format!("/{}", field.replace('.', "/"))
-}
-
-/// Sets `field` of `root` to `value`, when its parent object exists.
-fn set_field(root: &mut Value, field: &str, value: Value) {
-    let (parent, last) = match field.rsplit_once('.') {
-        Some((parent, last)) => (pointer(parent), last),
-        None => (String::new(), field),
+/// Sets the value at JSON pointer `ptr` (RFC 6901) of `root`, when its parent object exists.
+fn set_pointer(root: &mut Value, ptr: &str, value: Value) {
+    let Some((parent, last)) = ptr.rsplit_once('/') else {
+        return;
     };
-    if let Some(object) = root.pointer_mut(&parent).and_then(Value::as_object_mut) {
-        object.insert(last.to_string(), value);
+    let last = last.replace("~1", "/").replace("~0", "~");
+    if let Some(object) = root.pointer_mut(parent).and_then(Value::as_object_mut) {
+        object.insert(last, value);
     }
 }
 
@@ -495,44 +499,108 @@ pub fn connection_view(definition: &ConnectionDefinition) -> Result<Value, Probl
         tracing::error!(connection = %definition.name, category = ?e.classify(), "view encoding failed");
         Problem::internal()
     })?;
-    for field in secret_fields(&definition.auth) {
+    for ptr in definition.secret_pointers() {
         let set = value
-            .pointer(&pointer(field))
+            .pointer(&ptr)
             .and_then(Value::as_str)
             .is_some_and(|s| !s.is_empty());
-        set_field(&mut value, field, json!({ "set": set }));
+        set_pointer(&mut value, &ptr, json!({ "set": set }));
     }
     Ok(value)
 }
 
-/// In a `PUT` body with the stored auth type, fills secrets that are omitted or `{"set": true}`
-/// with their stored value, and turns `{"set": false}` into the empty string. With another auth
-/// type nothing is kept (and [`refuse_secret_markers`] refuses any marker).
+/// In a `PUT` body, puts stored secrets back where the body leaves them unchanged:
+///
+/// - with the stored auth type: `auth.password` omitted or `{"set": true}` keeps the stored
+///   password; a header whose `value` is omitted or `{"set": true}` keeps the stored value of the
+///   header of the same name (case-insensitive); a query parameter given as `{"set": true}` keeps
+///   the stored value of the parameter of the same name;
+/// - whatever the auth type: `tls.client_key` given as `{"set": true}`, or omitted while the
+///   body still has a `tls.client_certificate`, keeps the stored key.
+///
+/// `{"set": false}` clears a secret (the empty string; for `tls.client_key`, no key). Markers
+/// with nothing stored to stand for are left for [`refuse_secret_markers`] to refuse.
 fn keep_stored_secrets(body: &mut Value, stored: &ConnectionDefinition) -> Result<(), Problem> {
-    let body_type = body.pointer("/auth/type").and_then(Value::as_str);
-    if body_type != Some(stored.auth.type_name()) {
-        return Ok(());
-    }
-    let fields = secret_fields(&stored.auth);
-    if fields.is_empty() {
-        return Ok(());
-    }
     let stored_json = serde_json::to_value(stored).map_err(|e| {
         tracing::error!(connection = %stored.name, category = ?e.classify(), "stored definition encoding failed");
         Problem::internal()
     })?;
-    for field in fields {
-        let ptr = pointer(field);
-        let replacement = match body.pointer(&ptr) {
-            None => stored_json.pointer(&ptr).cloned(),
-            Some(v) => match secret_marker(v) {
-                Some(true) => stored_json.pointer(&ptr).cloned(),
-                Some(false) => Some(Value::String(String::new())),
-                None => None,
-            },
-        };
-        if let Some(value) = replacement {
-            set_field(body, field, value);
+    let same_auth_type =
+        body.pointer("/auth/type").and_then(Value::as_str) == Some(stored.auth.type_name());
+    if same_auth_type {
+        if stored.auth.basic_credentials().is_some() {
+            let replacement = match body.pointer("/auth/password") {
+                None => stored_json.pointer("/auth/password").cloned(),
+                Some(v) => match secret_marker(v) {
+                    Some(true) => stored_json.pointer("/auth/password").cloned(),
+                    Some(false) => Some(Value::String(String::new())),
+                    None => None,
+                },
+            };
+            if let Some(value) = replacement {
+                set_pointer(body, "/auth/password", value);
+            }
+        }
+        let stored_headers = stored.auth.headers();
+        if let Some(headers) = body
+            .pointer_mut("/auth/headers")
+            .and_then(Value::as_array_mut)
+        {
+            for header in headers.iter_mut().filter_map(Value::as_object_mut) {
+                let Some(name) = header.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
+                let kept = stored_headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| Value::String(h.value.expose().to_string()));
+                let replacement = match header.get("value") {
+                    None => kept,
+                    Some(v) => match secret_marker(v) {
+                        Some(true) => kept,
+                        Some(false) => Some(Value::String(String::new())),
+                        None => None,
+                    },
+                };
+                if let Some(value) = replacement {
+                    header.insert("value".into(), value);
+                }
+            }
+        }
+        let stored_params = stored.auth.params();
+        if let Some(params) = body
+            .pointer_mut("/auth/params")
+            .and_then(Value::as_object_mut)
+        {
+            for (name, value) in params.iter_mut() {
+                let replacement = match secret_marker(value) {
+                    Some(true) => stored_params
+                        .and_then(|p| p.get(name))
+                        .map(|s| Value::String(s.expose().to_string())),
+                    Some(false) => Some(Value::String(String::new())),
+                    None => None,
+                };
+                if let Some(replacement) = replacement {
+                    *value = replacement;
+                }
+            }
+        }
+    }
+    if let Some(key) = &stored.tls.client_key {
+        if let Some(tls) = body.get_mut("tls").and_then(Value::as_object_mut) {
+            let stored_key = Value::String(key.expose().to_string());
+            match tls.get("client_key").map(secret_marker) {
+                None if tls.contains_key("client_certificate") => {
+                    tls.insert("client_key".into(), stored_key);
+                }
+                Some(Some(true)) => {
+                    tls.insert("client_key".into(), stored_key);
+                }
+                Some(Some(false)) => {
+                    tls.remove("client_key");
+                }
+                _ => {}
+            }
         }
     }
     Ok(())
@@ -654,7 +722,7 @@ mod tests {
     use crate::state::TunnelSettings;
     use crate::store::Store;
     use airlock_shared::exec::{DestinationPolicy, Engine};
-    use airlock_shared::model::Secret;
+    use airlock_shared::model::{Auth, Secret};
     use axum::http::{Method, Request};
     use tokio_util::sync::CancellationToken;
     use tower::ServiceExt as _;
@@ -1050,7 +1118,7 @@ mod tests {
         let stored_password = || async {
             match state.store.connection("jira").await.unwrap().unwrap().auth {
                 Auth::Basic { password, .. } => password.expose().to_string(),
-                Auth::None => panic!("auth none"),
+                other => panic!("auth {}", other.type_name()),
             }
         };
 
@@ -1238,5 +1306,165 @@ mod tests {
             connection_view(&definition).unwrap()["auth"],
             json!({"type": "none"})
         );
+    }
+
+    fn client_identity() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[tokio::test]
+    async fn every_secret_of_every_auth_type_is_hidden_and_kept() {
+        let (state, router) = setup().await;
+        let (cert, key) = client_identity();
+        let definition = json!({
+            "name": "cu",
+            "base_url": "https://app.example",
+            "auth": {"type": "custom", "username": "svc", "password": "pw-SECRET-1",
+                "headers": [{"name": "X-Api-Key", "value": "hdr-SECRET-2"},
+                            {"name": "X-Tenant", "value": "acme", "secret": false}],
+                "params": {"api key&": "param-SECRET-3"}},
+            "tls": {"client_certificate": cert, "client_key": key}
+        });
+        let created = call(&router, Method::POST, "/v1/connections", Some(definition)).await;
+        assert_eq!(created.status, StatusCode::CREATED);
+        let view = call(&router, Method::GET, "/v1/connections/cu", None)
+            .await
+            .json();
+        let text = view.to_string();
+        for secret in ["SECRET", "PRIVATE KEY"] {
+            assert!(!text.contains(secret), "secret in view: {text}");
+        }
+        assert_eq!(view["auth"]["password"], json!({"set": true}));
+        assert_eq!(view["auth"]["headers"][0]["value"], json!({"set": true}));
+        assert_eq!(view["auth"]["headers"][1]["value"], "acme");
+        assert_eq!(view["auth"]["params"]["api key&"], json!({"set": true}));
+        assert_eq!(view["tls"]["client_key"], json!({"set": true}));
+        assert!(view["tls"]["client_certificate"].as_str().is_some());
+
+        // The view sent back unchanged keeps every secret; a header value may also be omitted.
+        let mut back = view.clone();
+        back["auth"]["headers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("value");
+        let put = call(&router, Method::PUT, "/v1/connections/cu", Some(back)).await;
+        assert_eq!(put.status, StatusCode::OK, "{}", put.json());
+        let stored = state.store.connection("cu").await.unwrap().unwrap();
+        let Auth::Custom {
+            password,
+            headers,
+            params,
+            ..
+        } = &stored.auth
+        else {
+            panic!("auth {}", stored.auth.type_name());
+        };
+        assert_eq!(password.expose(), "pw-SECRET-1");
+        assert_eq!(headers[0].value.expose(), "hdr-SECRET-2");
+        assert_eq!(params["api key&"].expose(), "param-SECRET-3");
+        assert_eq!(stored.tls.client_key.as_ref().unwrap().expose(), key);
+
+        // A marker for a parameter or header that is not stored is refused, naming it.
+        let mut unknown = view.clone();
+        unknown["auth"]["params"]["new"] = json!({"set": true});
+        let answer = call(&router, Method::PUT, "/v1/connections/cu", Some(unknown)).await;
+        let p = answer.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+        assert_eq!(p["field"], "auth.params.new");
+        let mut unknown = view.clone();
+        unknown["auth"]["headers"][0]["name"] = json!("X-Other");
+        let answer = call(&router, Method::PUT, "/v1/connections/cu", Some(unknown)).await;
+        let p = answer.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+        assert_eq!(p["field"], "auth.headers[0].value");
+        // Changing the auth type keeps no auth secret, but the client key stays.
+        let mut header_type = view.clone();
+        header_type["auth"] = json!({"type": "header",
+            "headers": [{"name": "X-Api-Key", "value": {"set": true}}]});
+        let answer = call(
+            &router,
+            Method::PUT,
+            "/v1/connections/cu",
+            Some(header_type.clone()),
+        )
+        .await;
+        let p = answer.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+        assert_eq!(p["field"], "auth.headers[0].value");
+        header_type["auth"]["headers"][0]["value"] = json!("new-value");
+        let put = call(
+            &router,
+            Method::PUT,
+            "/v1/connections/cu",
+            Some(header_type),
+        )
+        .await;
+        assert_eq!(put.status, StatusCode::OK, "{}", put.json());
+        let stored = state.store.connection("cu").await.unwrap().unwrap();
+        assert_eq!(stored.tls.client_key.as_ref().unwrap().expose(), key);
+        // {"set": false} removes the client key (and then the certificate lacks its key).
+        let mut no_key = call(&router, Method::GET, "/v1/connections/cu", None)
+            .await
+            .json();
+        no_key["tls"]["client_key"] = json!({"set": false});
+        let answer = call(&router, Method::PUT, "/v1/connections/cu", Some(no_key)).await;
+        let p = answer.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+        assert_eq!(p["field"], "tls.client_key");
+        // A create cannot use markers anywhere.
+        let mut marker = json!({"name": "m", "base_url": "https://a",
+            "auth": {"type": "query", "params": {"k": {"set": true}}}});
+        let answer = call(
+            &router,
+            Method::POST,
+            "/v1/connections",
+            Some(marker.clone()),
+        )
+        .await;
+        let p = answer.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+        assert_eq!(p["field"], "auth.params.k");
+        marker["auth"] = json!({"type": "none"});
+        marker["tls"] = json!({"client_key": {"set": true}});
+        let answer = call(&router, Method::POST, "/v1/connections", Some(marker)).await;
+        let p = answer.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+        assert_eq!(p["field"], "tls.client_key");
+    }
+
+    #[tokio::test]
+    async fn header_injection_and_bad_pem_are_refused_naming_the_field() {
+        let (_, router) = setup().await;
+        let cases = [
+            (
+                json!({"type": "header", "headers": [{"name": "X-A", "value": "v\r\nX-Evil: 1"}]}),
+                None,
+                "auth.headers[0].value",
+            ),
+            (
+                json!({"type": "header", "headers": [{"name": "Bad Name", "value": "v"}]}),
+                None,
+                "auth.headers[0].name",
+            ),
+            (
+                json!({"type": "none"}),
+                Some(json!({"ca_certificate": "not a PEM"})),
+                "tls.ca_certificate",
+            ),
+            (
+                json!({"type": "none"}),
+                Some(json!({"client_certificate": "x", "client_key": "y"})),
+                "tls.client_certificate",
+            ),
+        ];
+        for (auth, tls, field) in cases {
+            let mut body = json!({"name": "x", "base_url": "https://a", "auth": auth});
+            if let Some(tls) = tls {
+                body["tls"] = tls;
+            }
+            let answer = call(&router, Method::POST, "/v1/connections", Some(body)).await;
+            let p = answer.problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field");
+            assert_eq!(p["field"], field);
+            assert!(!p.to_string().contains("X-Evil"), "{p}");
+        }
     }
 }

@@ -4,14 +4,22 @@
 //!
 //! What it does, per request:
 //! - joins the connection's base URL and the request target;
-//! - removes hop-by-hop header fields (RFC 9110 §7.6.1) and the caller's own credentials, then
-//!   applies the connection's auth (which always wins);
+//! - removes hop-by-hop header fields (RFC 9110 §7.6.1), the caller's `Authorization` and
+//!   `Cookie`, and every header field the connection's auth sets, then applies the connection's
+//!   auth ([`apply_auth`]), which always wins: its header fields replace the client's, its query
+//!   parameters replace the client's of the same name;
 //! - enforces the [`DestinationPolicy`] on IP literals before connecting and on every DNS answer
 //!   (a custom resolver), so DNS rebinding cannot bypass it;
-//! - follows redirects (at most [`MAX_REDIRECTS`]) itself, re-checking the policy at each hop and
-//!   dropping every credential the connection added when the origin changes;
-//! - keeps one pooled `reqwest::Client` per connection definition, so keep-alive connections to
-//!   the upstream are reused;
+//! - follows redirects (at most [`MAX_REDIRECTS`]) itself, re-checking the policy at each hop;
+//!   auth is applied afresh to each same-origin hop and to no other, and the next hop's URL is
+//!   resolved against the URL *before* auth query parameters were added, so a redirect to
+//!   another origin carries none of the connection's header fields, Basic credentials or query
+//!   parameters (unless the upstream itself wrote them into `Location`);
+//! - builds TLS from the connection's [`TlsSettings`] ([`tls_config`]: extra CA, client
+//!   certificate, or the logged `insecure_skip_verify` opt-in);
+//! - keeps one pooled `reqwest::Client` per connection definition and TLS settings (keyed by a
+//!   SHA-256 digest of the settings, so the cache holds no key material), so keep-alive
+//!   connections to the upstream are reused;
 //! - classifies failures into [`ResetCode`]s (`dns`, `connect`, `tls`, `timeout`, …) with messages
 //!   that never contain the URL's query or any secret.
 
@@ -28,7 +36,7 @@ use http_body::{Body, Frame as BodyFrame, SizeHint};
 use ipnet::IpNet;
 use url::Url;
 
-use crate::model::{Auth, ConnectionSpec};
+use crate::model::{Auth, AuthParams, ConnectionSpec, TlsSettings};
 use crate::proto::{BodyKind, HeaderField, RequestHead, ResetCode};
 
 /// Most redirects followed for one request.
@@ -446,36 +454,163 @@ pub fn parse_certificates(
     Ok(certs)
 }
 
+/// Parses one PEM private key: PKCS#8 (`PRIVATE KEY`), PKCS#1 (`RSA PRIVATE KEY`) or SEC1
+/// (`EC PRIVATE KEY`).
+///
+/// # Errors
+/// A message naming what is wrong; it never contains key material.
+pub fn parse_private_key(pem: &str) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    match rustls_pemfile::private_key(&mut pem.as_bytes()) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(
+            "no PEM private key found (expected PKCS#8 \"PRIVATE KEY\", PKCS#1 \
+                         \"RSA PRIVATE KEY\" or SEC1 \"EC PRIVATE KEY\")"
+                .into(),
+        ),
+        // The error may quote part of the input: say only that the PEM is broken.
+        Err(_) => Err("bad PEM: the private key cannot be decoded".into()),
+    }
+}
+
 /// rustls with the ring provider, for every TLS configuration Airlock builds.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn tls_config(spec: &ConnectionSpec) -> Result<rustls::ClientConfig, ExecError> {
-    let tls_err = |m: String| ExecError::new(ResetCode::InvalidRequest, m);
-    let mut roots = (*native_roots()).clone();
-    if let Some(ca) = &spec.tls.ca_certificate {
-        for cert in
-            parse_certificates(ca).map_err(|e| tls_err(format!("tls.ca_certificate: {e}")))?
-        {
-            roots
-                .add(cert)
-                .map_err(|e| tls_err(format!("tls.ca_certificate: {e}")))?;
-        }
+/// A server certificate verifier that accepts any certificate: `tls.insecure_skip_verify`.
+/// Handshake signatures are still checked against the presented certificate, so the session is
+/// at least bound to *some* key; who holds it is not verified.
+#[derive(Debug)]
+struct AcceptAnyServerCertificate {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The rustls client configuration for a connection's [`TlsSettings`]: the system roots plus
+/// `ca_certificate`, or no verification at all with `insecure_skip_verify`; the client
+/// certificate and key when set. ALPN offers HTTP/1.1 only.
+///
+/// # Errors
+/// [`ResetCode::InvalidRequest`] naming the `tls.*` field when a PEM does not parse or the key
+/// does not fit the certificate (saved definitions were validated, so this means an agent
+/// profile or an old definition is broken). Messages never contain key material.
+pub fn tls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, ExecError> {
+    let tls_err = |m: String| ExecError::new(ResetCode::InvalidRequest, m);
+    let provider = crypto_provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls_err(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| tls_err(e.to_string()))?;
+    let builder = if tls.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCertificate {
+                provider: provider.clone(),
+            }))
+    } else {
+        let mut roots = (*native_roots()).clone();
+        if let Some(ca) = &tls.ca_certificate {
+            for cert in
+                parse_certificates(ca).map_err(|e| tls_err(format!("tls.ca_certificate: {e}")))?
+            {
+                roots
+                    .add(cert)
+                    .map_err(|e| tls_err(format!("tls.ca_certificate: {e}")))?;
+            }
+        }
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match (&tls.client_certificate, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let certs = parse_certificates(cert)
+                .map_err(|e| tls_err(format!("tls.client_certificate: {e}")))?;
+            let key = parse_private_key(key.expose())
+                .map_err(|e| tls_err(format!("tls.client_key: {e}")))?;
+            // rustls checks that the key's public key is the certificate's.
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                let why = match e {
+                    rustls::Error::InconsistentKeys(_) => {
+                        "does not match tls.client_certificate".to_string()
+                    }
+                    _ => "is not a usable private key".to_string(),
+                };
+                tls_err(format!("tls.client_key {why}"))
+            })?
+        }
+        (Some(_), None) => {
+            return Err(tls_err(
+                "tls.client_key: is required with tls.client_certificate".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(tls_err(
+                "tls.client_certificate: is required with tls.client_key".into(),
+            ))
+        }
+        (None, None) => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// The pooled-client cache key of TLS settings: a SHA-256 digest of their JSON, so the cache
+/// (and anything that might print it) never holds the client key.
+fn tls_key(tls: &TlsSettings) -> [u8; 32] {
+    use sha2::Digest as _;
+    let json = serde_json::to_vec(tls).unwrap_or_default();
+    sha2::Sha256::digest(json).into()
 }
 
 /// The execution engine. One per process; cheap to share behind an `Arc`.
 pub struct Engine {
     policy: Arc<DestinationPolicy>,
-    clients: Mutex<HashMap<String, (String, reqwest::Client)>>,
+    /// Connection name → (digest of its TLS settings, client).
+    clients: Mutex<HashMap<String, ([u8; 32], reqwest::Client)>>,
 }
 
 /// What the engine returns: the upstream's response, body not yet read.
@@ -507,15 +642,23 @@ impl Engine {
     /// The pooled client of a connection definition, built on first use and rebuilt when its TLS
     /// settings change.
     fn client(&self, spec: &ConnectionSpec) -> Result<reqwest::Client, ExecError> {
-        let key = serde_json::to_string(&spec.tls).unwrap_or_default();
+        let key = tls_key(&spec.tls);
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((k, c)) = clients.get(&spec.name) {
             if *k == key {
                 return Ok(c.clone());
             }
         }
+        let tls = tls_config(&spec.tls)?;
+        if spec.tls.insecure_skip_verify {
+            tracing::warn!(
+                connection = %spec.name,
+                "tls.insecure_skip_verify is on: the app's certificate is NOT verified; anyone \
+                 on the path can impersonate it"
+            );
+        }
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls_config(spec)?)
+            .use_preconfigured_tls(tls)
             .dns_resolver(Arc::new(PolicyResolver {
                 policy: self.policy.clone(),
             }))
@@ -550,10 +693,10 @@ impl Engine {
             .map_err(|_| ExecError::new(ResetCode::InvalidRequest, "invalid method"))?;
         let (mut headers, _) = from_fields(&head.headers);
         strip_hop_by_hop(&mut headers);
-        // The caller's credentials for the relay never travel upstream; the connection's win.
-        headers.remove(http::header::AUTHORIZATION);
-        headers.remove(http::header::COOKIE);
+        strip_client_credentials(&spec.auth, &mut headers);
         let origin = spec.base_url.origin();
+        // The URL as the client asked for it, without the connection's query parameters: the
+        // base against which a Location is resolved, so they never leak into the next hop.
         let mut url = join_url(&spec.base_url, &head.target)?;
         let mut method = method;
         let mut body = body;
@@ -561,17 +704,13 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + timeout;
         for hop in 0..=MAX_REDIRECTS {
             self.policy.check_url(&url)?;
-            let same_origin = url.origin() == origin;
-            let mut req = client.request(method.clone(), url.clone());
+            let mut hop_url = url.clone();
             let mut hop_headers = headers.clone();
-            if !same_origin {
-                // Credentials the connection added, and the client's cookies, stay home.
-                hop_headers.remove(http::header::COOKIE);
+            // Credentials go to the connection's own origin only.
+            if url.origin() == origin {
+                apply_auth(&spec.auth, &mut hop_url, &mut hop_headers)?;
             }
-            req = req.headers(hop_headers);
-            if same_origin {
-                req = apply_auth(req, &spec.auth);
-            }
+            let mut req = client.request(method.clone(), hop_url).headers(hop_headers);
             let has_body = body.is_some();
             if let Some(b) = body.take() {
                 req = req.body(reqwest::Body::wrap(SyncBody::new(b)));
@@ -650,38 +789,192 @@ fn upstream_response(resp: reqwest::Response, method: &Method) -> UpstreamRespon
     }
 }
 
-/// Applies the connection's credentials to a request (RFC 7617 for Basic: UTF-8, base64).
-fn apply_auth(req: reqwest::RequestBuilder, auth: &Auth) -> reqwest::RequestBuilder {
-    match auth {
-        Auth::None => req,
-        Auth::Basic { username, password } => {
-            use base64::Engine as _;
-            let token = base64::engine::general_purpose::STANDARD
-                .encode(format!("{username}:{}", password.expose()));
-            let mut value = HeaderValue::from_str(&format!("Basic {token}"))
-                .unwrap_or_else(|_| HeaderValue::from_static(""));
-            value.set_sensitive(true);
-            req.header(http::header::AUTHORIZATION, value)
+/// Removes what a client must not send upstream itself: its `Authorization` and `Cookie` (its
+/// credentials for the relay, never the app's), and every header field the connection's auth
+/// sets, so that a client value can neither replace a credential nor follow a redirect to
+/// another origin in its place.
+pub fn strip_client_credentials(auth: &Auth, headers: &mut HeaderMap) {
+    headers.remove(http::header::AUTHORIZATION);
+    headers.remove(http::header::COOKIE);
+    for h in auth.headers() {
+        if let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) {
+            headers.remove(name);
         }
     }
 }
 
-/// Classifies a reqwest error by walking its source chain. The message never contains the URL.
+/// Applies the connection's credentials to one request to the connection's origin:
+/// - Basic (`basic`, `custom` with a username): `Authorization: Basic base64(utf8(user:pass))`
+///   (RFC 7617 §2 and §2.1);
+/// - header fields (`header`, `custom`): each replaces every client field of the same name;
+/// - query parameters (`query`, `custom`): see [`merge_query`].
+///
+/// Credential header values are marked sensitive (never indexed by HPACK, hidden from
+/// `Debug`).
+///
+/// # Errors
+/// [`ResetCode::InvalidRequest`] for `profile` auth (only an agent can resolve it, before
+/// calling the engine) or a header that is not valid (not expected: definitions are validated
+/// when saved, and agent profiles at start).
+pub fn apply_auth(auth: &Auth, url: &mut Url, headers: &mut HeaderMap) -> Result<(), ExecError> {
+    if let Auth::Profile { name } = auth {
+        return Err(ExecError::new(
+            ResetCode::InvalidRequest,
+            format!("auth profile '{name}' can only be resolved by an agent"),
+        ));
+    }
+    if let Some((username, password)) = auth.basic_credentials() {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{username}:{}", password.expose()));
+        let mut value = HeaderValue::from_str(&format!("Basic {token}")).map_err(|_| {
+            ExecError::new(ResetCode::Internal, "base64 is always a valid header value")
+        })?;
+        value.set_sensitive(true);
+        headers.insert(http::header::AUTHORIZATION, value);
+    }
+    for (i, h) in auth.headers().iter().enumerate() {
+        let invalid = |what: &str| {
+            ExecError::new(
+                ResetCode::InvalidRequest,
+                format!("auth.headers[{i}].{what} is not valid"),
+            )
+        };
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("name"))?;
+        let mut value =
+            HeaderValue::from_bytes(h.value.expose().as_bytes()).map_err(|_| invalid("value"))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    if let Some(params) = auth.params() {
+        merge_query(url, params);
+    }
+    Ok(())
+}
+
+/// Merges the connection's query parameters into `url`'s query: every client parameter whose
+/// (decoded) name is one of them is removed, the others are kept byte for byte, and the
+/// connection's are appended `application/x-www-form-urlencoded` (WHATWG URL Standard §5.2:
+/// space as `+`, all but `A-Za-z0-9*-._` percent-encoded as UTF-8), in name order.
+pub fn merge_query(url: &mut Url, params: &AuthParams) {
+    if params.is_empty() {
+        return;
+    }
+    let kept: Vec<String> = url
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|segment| !segment.is_empty())
+        .filter(|segment| {
+            let name = url::form_urlencoded::parse(segment.as_bytes())
+                .next()
+                .map(|(name, _)| name.into_owned())
+                .unwrap_or_default();
+            !params.contains_key(&name)
+        })
+        .map(str::to_string)
+        .collect();
+    if kept.is_empty() {
+        url.set_query(None);
+    } else {
+        url.set_query(Some(&kept.join("&")));
+    }
+    let mut pairs = url.query_pairs_mut();
+    for (name, value) in params {
+        pairs.append_pair(name, value.expose());
+    }
+}
+
+/// A human description of a TLS failure: which certificate problem or which alert, and what to
+/// set to fix it.
+pub fn describe_tls_error(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => "unknown CA: the app's certificate is not signed by a trusted \
+                                 CA (set tls.ca_certificate to trust a private CA)"
+                .into(),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "hostname mismatch: the app's certificate is not valid for the host of base_url"
+                    .into()
+            }
+            C::Expired | C::ExpiredContext { .. } => "the app's certificate has expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the app's certificate is not valid yet".into()
+            }
+            C::Revoked => "the app's certificate is revoked".into(),
+            C::BadEncoding => "the app's certificate is malformed".into(),
+            C::BadSignature => "the app's certificate has an invalid signature".into(),
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+                "the app's certificate is not valid for TLS server authentication".into()
+            }
+            other => format!("the app's certificate was refused: {other:?}"),
+        },
+        rustls::Error::AlertReceived(alert) => match alert {
+            A::CertificateRequired => "the app requires a client certificate (TLS alert \
+                                       certificate_required): set tls.client_certificate and \
+                                       tls.client_key"
+                .into(),
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateUnknown
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::UnknownCA
+            | A::AccessDenied => format!(
+                "the app refused the client certificate (TLS alert {})",
+                alert_name(*alert)
+            ),
+            A::HandshakeFailure => "the app aborted the TLS handshake (alert \
+                                    handshake_failure): no common protocol version or cipher \
+                                    suite, or a required client certificate is missing"
+                .into(),
+            A::ProtocolVersion => "the app supports no TLS version in common (TLS 1.2 or 1.3 \
+                                   required)"
+                .into(),
+            other => format!("the app sent TLS alert {}", alert_name(*other)),
+        },
+        rustls::Error::NoCertificatesPresented => "the app presented no certificate".into(),
+        other => format!("TLS error: {other}"),
+    }
+}
+
+/// The RFC 8446 §6 name of an alert (`certificate_required`), or its `Debug` form.
+fn alert_name(alert: rustls::AlertDescription) -> String {
+    let debug = format!("{alert:?}");
+    let mut out = String::with_capacity(debug.len() + 4);
+    let mut previous_lower = false;
+    for c in debug.chars() {
+        if c.is_ascii_uppercase() && previous_lower {
+            out.push('_');
+        }
+        previous_lower = c.is_ascii_lowercase();
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// Classifies a reqwest error by walking its source chain. TLS failures lead with
+/// [`describe_tls_error`]'s human message (unknown CA, hostname mismatch, client certificate
+/// required or refused, expired). The message never contains the URL.
 pub fn classify(err: &reqwest::Error) -> ExecError {
     let mut chain: Vec<String> = Vec::new();
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
     let mut code = None;
+    let mut tls: Option<String> = None;
     while let Some(e) = source {
         if let Some(r) = e.downcast_ref::<DestinationRefused>() {
             return ExecError::new(ResetCode::DestinationNotAllowed, r.to_string());
         }
-        if e.downcast_ref::<rustls::Error>().is_some() {
+        if let Some(t) = e.downcast_ref::<rustls::Error>() {
             code.get_or_insert(ResetCode::Tls);
+            tls.get_or_insert_with(|| describe_tls_error(t));
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if let Some(inner) = io.get_ref() {
-                if inner.downcast_ref::<rustls::Error>().is_some() {
+                if let Some(t) = inner.downcast_ref::<rustls::Error>() {
                     code.get_or_insert(ResetCode::Tls);
+                    tls.get_or_insert_with(|| describe_tls_error(t));
                 }
                 if let Some(r) = inner.downcast_ref::<DestinationRefused>() {
                     return ExecError::new(ResetCode::DestinationNotAllowed, r.to_string());
@@ -712,7 +1005,10 @@ pub fn classify(err: &reqwest::Error) -> ExecError {
     } else {
         chain.join(": ")
     };
-    ExecError::new(code, detail)
+    match tls {
+        Some(human) => ExecError::new(code, format!("{human} ({detail})")),
+        None => ExecError::new(code, detail),
+    }
 }
 
 /// Adapts a `Send`-only body to the `Sync` bound `reqwest::Body::wrap` asks for. Only `&mut`
@@ -944,6 +1240,163 @@ mod tests {
         assert!(public
             .filter_resolved("x", vec!["127.0.0.1:0".parse().unwrap()])
             .is_err());
+    }
+
+    fn auth(json: serde_json::Value) -> Auth {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn applied(a: &Auth, target: &str, client: &[(&str, &str)]) -> (Url, HeaderMap) {
+        let mut url = join_url(&Url::parse("http://h/base").unwrap(), target).unwrap();
+        let mut headers = HeaderMap::new();
+        for (n, v) in client {
+            headers.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        strip_client_credentials(a, &mut headers);
+        apply_auth(a, &mut url, &mut headers).unwrap();
+        (url, headers)
+    }
+
+    #[test]
+    fn basic_credentials_are_utf8_and_win() {
+        use base64::Engine as _;
+        let a = auth(serde_json::json!({"type": "basic", "username": "u", "password": "pässwörd"}));
+        let (_, h) = applied(&a, "/", &[("authorization", "Bearer client")]);
+        let values: Vec<_> = h.get_all("authorization").iter().collect();
+        assert_eq!(values.len(), 1);
+        let token = values[0].to_str().unwrap().strip_prefix("Basic ").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(token)
+            .unwrap();
+        assert_eq!(String::from_utf8(decoded).unwrap(), "u:pässwörd");
+        assert!(values[0].is_sensitive());
+    }
+
+    #[test]
+    fn connection_headers_replace_the_client_s() {
+        let a = auth(serde_json::json!({"type": "header", "headers": [
+            {"name": "Authorization", "value": "Bearer conn"},
+            {"name": "X-Api-Key", "value": "conn-key"}]}));
+        let (_, h) = applied(
+            &a,
+            "/",
+            &[
+                ("authorization", "Bearer client"),
+                ("x-api-key", "client-1"),
+                ("X-API-KEY", "client-2"),
+                ("cookie", "c=1"),
+                ("accept", "text/plain"),
+            ],
+        );
+        assert_eq!(h.get_all("authorization").iter().count(), 1);
+        assert_eq!(h["authorization"], "Bearer conn");
+        assert_eq!(h.get_all("x-api-key").iter().count(), 1);
+        assert_eq!(h["x-api-key"], "conn-key");
+        assert!(h.get("cookie").is_none());
+        assert_eq!(h["accept"], "text/plain");
+    }
+
+    #[test]
+    fn query_params_are_encoded_merged_and_win() {
+        let a = auth(serde_json::json!({"type": "query", "params": {
+            "api_key": "k 1+2", "a&b=c d+/ü": "x&y=z/ä"}}));
+        let (url, _) = applied(
+            &a,
+            "/p?q=1&api_key=evil&api%5Fkey=evil2&api_key&keep=a%20b&a%26b%3Dc+d%2B%2F%C3%BC=evil3",
+            &[],
+        );
+        assert_eq!(
+            url.query().unwrap(),
+            "q=1&keep=a%20b&a%26b%3Dc+d%2B%2F%C3%BC=x%26y%3Dz%2F%C3%A4&api_key=k+1%2B2"
+        );
+        let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+        assert!(pairs.contains(&("a&b=c d+/ü".into(), "x&y=z/ä".into())));
+        assert!(pairs.contains(&("api_key".into(), "k 1+2".into())));
+        assert_eq!(pairs.iter().filter(|(n, _)| n == "api_key").count(), 1);
+        // No client query at all.
+        let (url, _) = applied(&a, "/p", &[]);
+        assert_eq!(
+            url.as_str(),
+            "http://h/base/p?a%26b%3Dc+d%2B%2F%C3%BC=x%26y%3Dz%2F%C3%A4&api_key=k+1%2B2"
+        );
+    }
+
+    #[test]
+    fn custom_combines_everything_and_profile_is_refused() {
+        let a = auth(
+            serde_json::json!({"type": "custom", "username": "svc", "password": "pw",
+            "headers": [{"name": "X-Api-Key", "value": "k"}], "params": {"tenant": "t"}}),
+        );
+        let (url, h) = applied(&a, "/x?tenant=other", &[]);
+        assert!(h["authorization"].to_str().unwrap().starts_with("Basic "));
+        assert_eq!(h["x-api-key"], "k");
+        assert_eq!(url.query(), Some("tenant=t"));
+        let p = auth(serde_json::json!({"type": "profile", "name": "jira"}));
+        let mut url = Url::parse("http://h/").unwrap();
+        let err = apply_auth(&p, &mut url, &mut HeaderMap::new()).unwrap_err();
+        assert_eq!(err.code, ResetCode::InvalidRequest);
+        assert!(err.message.contains("jira"));
+    }
+
+    #[test]
+    fn tls_failures_are_described() {
+        use rustls::{AlertDescription, CertificateError, Error};
+        let d = |e: Error| describe_tls_error(&e);
+        assert!(
+            d(Error::InvalidCertificate(CertificateError::UnknownIssuer)).contains("unknown CA")
+        );
+        assert!(
+            d(Error::InvalidCertificate(CertificateError::NotValidForName))
+                .contains("hostname mismatch")
+        );
+        assert!(d(Error::InvalidCertificate(CertificateError::Expired)).contains("expired"));
+        assert!(
+            d(Error::AlertReceived(AlertDescription::CertificateRequired))
+                .contains("requires a client certificate")
+        );
+        assert!(d(Error::AlertReceived(AlertDescription::UnknownCA))
+            .contains("refused the client certificate (TLS alert unknown_ca)"));
+        assert_eq!(
+            alert_name(AlertDescription::CertificateRequired),
+            "certificate_required"
+        );
+    }
+
+    #[test]
+    fn tls_configs_build_and_cache_keys_hide_keys() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let mut tls = TlsSettings {
+            ca_certificate: Some(ca.pem()),
+            client_certificate: Some(cert.pem()),
+            client_key: Some(crate::model::Secret::new(key.serialize_pem())),
+            insecure_skip_verify: false,
+        };
+        let config = tls_config(&tls).unwrap();
+        assert!(config.client_auth_cert_resolver.has_certs());
+        let k1 = tls_key(&tls);
+        assert!(!hex_of(&k1).contains("PRIVATE"));
+        tls.insecure_skip_verify = true;
+        tls_config(&tls).unwrap();
+        assert_ne!(tls_key(&tls), k1);
+        let other = rcgen::KeyPair::generate().unwrap();
+        tls.client_key = Some(crate::model::Secret::new(other.serialize_pem()));
+        let err = tls_config(&tls).unwrap_err();
+        assert!(err.message.contains("tls.client_key"), "{err}");
+    }
+
+    fn hex_of(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
