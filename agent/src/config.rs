@@ -1,11 +1,14 @@
 //! Command line, environment and TOML file of `airlock-agent`, validated into an
 //! [`AgentConfig`] before anything connects.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_shared::exec::{AllowEntry, DestinationPolicy};
+use airlock_shared::model::{valid_name, Auth, Secret, TlsSettings};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use url::Url;
@@ -73,6 +76,19 @@ pub struct RunArgs {
 /// allow_any = false
 /// metrics_listen = "127.0.0.1:9464"
 /// drain_grace_secs = 30
+///
+/// # Agent-side profiles: credentials that never leave the premises. A connection whose auth is
+/// # {"type": "profile", "name": "jira"} gets this auth and these TLS settings here, on the
+/// # agent; the relay never sees them.
+/// [profiles.jira]
+/// auth = { type = "basic", username = "svc", password = "…" }
+/// [profiles.jira.tls]
+/// client_certificate_file = "/etc/airlock/jira-client.pem"   # or client_certificate = "PEM"
+/// client_key_file = "/etc/airlock/jira-client.key"           # or client_key = "PEM"
+/// ca_certificate_file = "/etc/airlock/corp-ca.pem"           # or ca_certificate = "PEM"
+///
+/// [profiles.billing]
+/// auth = { type = "header", headers = [{ name = "X-Api-Key", value = "…" }] }
 /// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +109,111 @@ pub struct FileConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// See `--drain-grace-secs`.
     pub drain_grace_secs: Option<u64>,
+    /// `[profiles.NAME]`: agent-side credentials, by profile name.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, FileProfile>,
+}
+
+/// `[profiles.NAME]` of the TOML file: any auth type but `profile` (same shape as a connection
+/// definition's `auth`, DESIGN.md "Connection model") and optional TLS settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileProfile {
+    /// The credentials; default `none` (a profile may hold only TLS settings).
+    #[serde(default)]
+    pub auth: Auth,
+    /// TLS settings; each field set here replaces the connection's.
+    #[serde(default)]
+    pub tls: FileProfileTls,
+}
+
+/// `[profiles.NAME.tls]`: a connection's `tls` fields, and for each PEM a `*_file` alternative
+/// (relative paths are relative to the configuration file's directory).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileProfileTls {
+    /// Extra trusted CA certificate(s), PEM.
+    pub ca_certificate: Option<String>,
+    /// File holding `ca_certificate`.
+    pub ca_certificate_file: Option<PathBuf>,
+    /// Client certificate (chain), PEM.
+    pub client_certificate: Option<String>,
+    /// File holding `client_certificate`.
+    pub client_certificate_file: Option<PathBuf>,
+    /// Client key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub client_key: Option<Secret>,
+    /// File holding `client_key`.
+    pub client_key_file: Option<PathBuf>,
+    /// Accept any server certificate (logged as a warning).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// A validated agent-side profile. `Debug` shows no secret (they are [`Secret`]s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// Replaces the connection's `{"type": "profile"}` auth; never itself `profile`.
+    pub auth: Auth,
+    /// Laid over the connection's TLS settings ([`TlsSettings::overlaid_with`]).
+    pub tls: TlsSettings,
+}
+
+impl FileProfile {
+    /// Reads the `*_file`s and validates like a saved connection definition.
+    fn validate(self, name: &str, base_dir: &Path) -> Result<Profile, ConfigError> {
+        let prefix = format!("profiles.{name}");
+        if !valid_name(name) {
+            return Err(err(
+                &prefix,
+                "profile names are 1 to 64 characters of letters, digits, '.', '_' or '-'",
+            ));
+        }
+        if matches!(self.auth, Auth::Profile { .. }) {
+            return Err(err(
+                &format!("{prefix}.auth.type"),
+                "a profile cannot refer to another profile",
+            ));
+        }
+        self.auth
+            .validate(&format!("{prefix}.auth"))
+            .map_err(|e| err(&e.field, e.message))?;
+        let t = self.tls;
+        let pick = |inline: Option<String>, file: Option<PathBuf>, key: &str| {
+            let field = format!("{prefix}.tls.{key}");
+            match (inline, file) {
+                (Some(_), Some(_)) => Err(err(
+                    &field,
+                    format!("set either {key} or {key}_file, not both"),
+                )),
+                (Some(v), None) => Ok(Some(v)),
+                (None, Some(path)) => {
+                    read(&base_dir.join(path), &format!("{field}_file")).map(Some)
+                }
+                (None, None) => Ok(None),
+            }
+        };
+        let tls = TlsSettings {
+            ca_certificate: pick(t.ca_certificate, t.ca_certificate_file, "ca_certificate")?,
+            client_certificate: pick(
+                t.client_certificate,
+                t.client_certificate_file,
+                "client_certificate",
+            )?,
+            client_key: pick(
+                t.client_key.map(|k| k.expose().to_string()),
+                t.client_key_file,
+                "client_key",
+            )?
+            .map(Secret::new),
+            insecure_skip_verify: t.insecure_skip_verify,
+        };
+        tls.validate(&format!("{prefix}.tls"))
+            .map_err(|e| err(&e.field, e.message))?;
+        Ok(Profile {
+            auth: self.auth,
+            tls,
+        })
+    }
 }
 
 /// Validated agent configuration.
@@ -112,6 +233,8 @@ pub struct AgentConfig {
     pub drain_grace: Duration,
     /// Backoff between reconnection attempts.
     pub backoff: Backoff,
+    /// Agent-side profiles by name (`[profiles.NAME]`).
+    pub profiles: Arc<BTreeMap<String, Profile>>,
 }
 
 /// Capped exponential backoff with full jitter.
@@ -176,10 +299,34 @@ impl AgentConfig {
     /// [`ConfigError`] naming the flag.
     pub fn from_args(a: &RunArgs) -> Result<Self, ConfigError> {
         let file: FileConfig = match &a.config {
-            Some(p) => toml::from_str(&read(p, "--config")?)
-                .map_err(|e| err("--config", format!("{}: {e}", p.display())))?,
+            // toml's Display quotes the offending line, which may hold a profile's secret:
+            // report the line number and the reason, with quoted values cut.
+            Some(p) => {
+                let text = read(p, "--config")?;
+                toml::from_str(&text).map_err(|e| {
+                    let line = e
+                        .span()
+                        .map(|s| format!(" line {}", 1 + text[..s.start].matches('\n').count()))
+                        .unwrap_or_default();
+                    err(
+                        "--config",
+                        format!("{}{line}: {}", p.display(), without_quoted(e.message())),
+                    )
+                })?
+            }
             None => FileConfig::default(),
         };
+        let base_dir = a
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut profiles = BTreeMap::new();
+        for (name, profile) in file.profiles {
+            let validated = profile.validate(&name, &base_dir)?;
+            profiles.insert(name, validated);
+        }
         let mut relay_url = a
             .relay_url
             .clone()
@@ -243,8 +390,29 @@ impl AgentConfig {
                 a.drain_grace_secs.or(file.drain_grace_secs).unwrap_or(30),
             ),
             backoff: Backoff::default(),
+            profiles: Arc::new(profiles),
         })
     }
+}
+
+/// `message` with the content of every `"…"` quoted string replaced by `…`: TOML errors quote
+/// values (`invalid type: string "…", expected …`), and a value may be a secret.
+fn without_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…");
+            } else {
+                out.push('"');
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -294,6 +462,81 @@ mod tests {
         assert_eq!(b.delay(0, 0.0), Duration::from_millis(125));
         assert_eq!(b.delay(30, 1.0), Duration::from_secs(30));
         assert!(b.delay(3, 0.5) > b.delay(2, 0.5));
+    }
+
+    fn with_config(toml_text: &str) -> Result<AgentConfig, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "airlock-agent-config-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("key.pem"),
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        let result = AgentConfig::from_args(&args(&[
+            "a",
+            "run",
+            "--relay-url",
+            "wss://r",
+            "--token",
+            "t",
+            "--config",
+            path.to_str().unwrap(),
+        ]));
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    #[test]
+    fn profiles_parse_and_validate() {
+        let c = with_config(
+            r#"
+            [profiles.jira]
+            auth = { type = "basic", username = "svc", password = "pw-SECRET" }
+            [profiles.billing]
+            auth = { type = "header", headers = [{ name = "X-Api-Key", value = "hdr-SECRET" }] }
+            [profiles.q]
+            auth = { type = "query", params = { "api key" = "q-SECRET" } }
+            [profiles.tls-only.tls]
+            insecure_skip_verify = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.profiles.len(), 4);
+        assert_eq!(c.profiles["jira"].auth.type_name(), "basic");
+        assert_eq!(c.profiles["tls-only"].auth, Auth::None);
+        assert!(c.profiles["tls-only"].tls.insecure_skip_verify);
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("SECRET"), "{debug}");
+
+        let field = |toml_text: &str| with_config(toml_text).unwrap_err();
+        let e = field("[profiles.p]\nauth = { type = \"profile\", name = \"x\" }");
+        assert_eq!(e.field, "profiles.p.auth.type");
+        let e = field("[profiles.p]\nauth = { type = \"header\", headers = [{ name = \"Bad Name\", value = \"v\" }] }");
+        assert_eq!(e.field, "profiles.p.auth.headers[0].name");
+        let e = field("[profiles.\"bad name\"]\nauth = { type = \"none\" }");
+        assert_eq!(e.field, "profiles.bad name");
+        let e =
+            field("[profiles.p.tls]\nclient_certificate = \"x\"\nclient_key_file = \"key.pem\"");
+        assert_eq!(e.field, "profiles.p.tls.client_certificate");
+        let e = field("[profiles.p.tls]\nclient_key = \"k\"\nclient_key_file = \"key.pem\"");
+        assert_eq!(e.field, "profiles.p.tls.client_key");
+        let e = field("[profiles.p.tls]\nca_certificate_file = \"missing.pem\"");
+        assert_eq!(e.field, "profiles.p.tls.ca_certificate_file");
+        // A TOML error does not echo the value.
+        let e = field("[profiles.p]\nauth = { type = \"basic\", username = \"u\", password = [\"pw-SECRET\"] }");
+        assert_eq!(e.field, "--config");
+        assert!(!e.message.contains("SECRET"), "{e}");
+        let e = field(
+            "[profiles.p]\nauth = { type = \"basic\", username = \"u\", password = \"pw-SECRET\" ]",
+        );
+        assert!(!e.message.contains("SECRET"), "{e}");
+        assert!(e.message.contains("line 2"), "{e}");
     }
 
     #[test]

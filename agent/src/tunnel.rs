@@ -1,11 +1,12 @@
 //! The agent's side of the tunnel: dial out, handshake, serve streams, reconnect forever.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use airlock_shared::exec::{self, BoxError, Engine, LengthChecked};
-use airlock_shared::model::ConnectionSpec;
+use airlock_shared::model::{Auth, ConnectionSpec};
 use airlock_shared::mux::{self, Inbound, IncomingStream, Mux, MuxConfig, RecvStream, Role};
 use airlock_shared::proto::{self, BodyKind, Frame, Hello, ResetCode};
 use bytes::Bytes;
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Profile};
 
 /// Time allowed for TCP + TLS + WebSocket upgrade + Welcome: 15 s.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -213,8 +214,12 @@ async fn session(
             s = incoming.accept() => match s {
                 Some(s) => {
                     let engine = engine.clone();
+                    let profiles = config.profiles.clone();
+                    let hostname = hostname.to_string();
                     let stream_span = tracing::info_span!(parent: &span, "stream", stream_id = %s.id);
-                    tracker.spawn(handle_stream(engine, s).instrument(stream_span));
+                    tracker.spawn(
+                        handle_stream(engine, profiles, hostname, s).instrument(stream_span),
+                    );
                 }
                 None => break,
             },
@@ -310,9 +315,35 @@ impl http_body::Body for RecvBody {
     }
 }
 
+/// Substitutes an agent-side profile: a spec whose auth is `{"type": "profile", "name": N}` gets
+/// profile N's auth, and its TLS settings laid over the spec's. Other specs are returned as is.
+///
+/// # Errors
+/// `unknown profile 'N' on agent HOSTNAME` when this agent has no such profile.
+pub fn resolve_profile(
+    mut spec: ConnectionSpec,
+    profiles: &BTreeMap<String, Profile>,
+    hostname: &str,
+) -> Result<ConnectionSpec, String> {
+    let Auth::Profile { name } = &spec.auth else {
+        return Ok(spec);
+    };
+    let profile = profiles
+        .get(name)
+        .ok_or_else(|| format!("unknown profile '{name}' on agent {hostname}"))?;
+    spec.auth = profile.auth.clone();
+    spec.tls = spec.tls.overlaid_with(&profile.tls);
+    Ok(spec)
+}
+
 /// Executes one stream: runs the request against the upstream and streams the response back.
 /// A reset from the relay (client gone) drops the upstream request at once.
-async fn handle_stream(engine: Arc<Engine>, s: IncomingStream) {
+async fn handle_stream(
+    engine: Arc<Engine>,
+    profiles: Arc<BTreeMap<String, Profile>>,
+    hostname: String,
+    s: IncomingStream,
+) {
     let IncomingStream {
         id: _,
         head,
@@ -337,8 +368,20 @@ async fn handle_stream(engine: Arc<Engine>, s: IncomingStream) {
             return;
         }
     };
+    let profile = match &spec.auth {
+        Auth::Profile { name } => Some(name.clone()),
+        _ => None,
+    };
+    let spec = match resolve_profile(spec, &profiles, &hostname) {
+        Ok(spec) => spec,
+        Err(message) => {
+            warn!(profile = ?profile, "{message}");
+            send.reset(ResetCode::InvalidRequest, &message);
+            return;
+        }
+    };
     let path = head.target.split('?').next().unwrap_or("/").to_string();
-    debug!(method = %head.method, %path, connection = %spec.name, "executing");
+    debug!(method = %head.method, %path, connection = %spec.name, profile = ?profile, "executing");
     let body = match head.body {
         BodyKind::Empty => None,
         BodyKind::Length(n) => Some(LengthChecked::new(RecvBody { recv }, Some(n)).boxed_unsync()),
@@ -388,5 +431,58 @@ async fn handle_stream(engine: Arc<Engine>, s: IncomingStream) {
         }
         Err((ResetCode::Cancel, _)) => {}
         Err((code, message)) => send.reset(code, &message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use airlock_shared::model::{Secret, TlsSettings};
+
+    fn spec(auth: Auth) -> ConnectionSpec {
+        ConnectionSpec {
+            name: "c".into(),
+            base_url: url::Url::parse("https://app.internal").unwrap(),
+            auth,
+            tls: TlsSettings {
+                ca_certificate: Some("CA".into()),
+                ..TlsSettings::default()
+            },
+            response_timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn profiles_are_substituted_and_unknown_ones_named() {
+        let profile = Profile {
+            auth: Auth::Basic {
+                username: "svc".into(),
+                password: Secret::new("pw"),
+            },
+            tls: TlsSettings {
+                client_certificate: Some("CERT".into()),
+                client_key: Some(Secret::new("KEY")),
+                ..TlsSettings::default()
+            },
+        };
+        let profiles = BTreeMap::from([("jira".to_string(), profile.clone())]);
+        let resolved = resolve_profile(
+            spec(Auth::Profile {
+                name: "jira".into(),
+            }),
+            &profiles,
+            "host1",
+        )
+        .unwrap();
+        assert_eq!(resolved.auth, profile.auth);
+        assert_eq!(resolved.tls.ca_certificate.as_deref(), Some("CA"));
+        assert_eq!(resolved.tls.client_certificate.as_deref(), Some("CERT"));
+        let err = resolve_profile(spec(Auth::Profile { name: "x".into() }), &profiles, "host1")
+            .unwrap_err();
+        assert_eq!(err, "unknown profile 'x' on agent host1");
+        assert_eq!(
+            resolve_profile(spec(Auth::None), &profiles, "host1").unwrap(),
+            spec(Auth::None)
+        );
     }
 }

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use airlock_shared::model::Secret;
+
 use crate::cli::{AgentsCommand, ClientArgs, ConnectionsCommand};
-use crate::server::{RelayConfig, TlsMode};
+use crate::secrets::MasterKey;
+use crate::server::{MasterKeySource, RelayConfig, TlsMode};
 use crate::state::TunnelSettings;
 
 /// Airlock relay: lets cloud services call HTTP APIs inside private networks through agents.
@@ -90,6 +93,32 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "AIRLOCK_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
+    /// File holding the master key that encrypts connection secrets in the store: the base64 of
+    /// 32 random bytes (e.g. `head -c 32 /dev/urandom | base64`), mode 0600. Without it and
+    /// without AIRLOCK_MASTER_KEY the relay uses <data-dir>/master-key, generated on first start.
+    #[arg(
+        long,
+        env = "AIRLOCK_MASTER_KEY_FILE",
+        value_name = "FILE",
+        conflicts_with = "master_key"
+    )]
+    pub master_key_file: Option<PathBuf>,
+    /// The master key itself, base64 of 32 bytes. Prefer the environment variable
+    /// AIRLOCK_MASTER_KEY (command lines are visible to other local users) or --master-key-file.
+    #[arg(
+        long,
+        env = "AIRLOCK_MASTER_KEY",
+        hide_env_values = true,
+        value_name = "BASE64",
+        value_parser = parse_secret
+    )]
+    pub master_key: Option<Secret>,
+}
+
+/// Keeps the value out of clap's error messages: it is checked, without echoing it, in
+/// [`RelayConfig::try_from`].
+fn parse_secret(s: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(s))
 }
 
 /// A configuration value is unusable.
@@ -148,6 +177,23 @@ impl TryFrom<&ServeArgs> for RelayConfig {
                 message: "must be at least 1".into(),
             });
         }
+        // Read here rather than at startup so that a bad key exits 64 before a port is bound.
+        let master_key = if let Some(value) = &a.master_key {
+            let key = MasterKey::from_base64(value.expose(), "AIRLOCK_MASTER_KEY / --master-key")
+                .map_err(|e| ConfigError {
+                field: "--master-key",
+                message: e.to_string(),
+            })?;
+            MasterKeySource::Given(key)
+        } else if let Some(path) = &a.master_key_file {
+            let key = MasterKey::read_file(path).map_err(|e| ConfigError {
+                field: "--master-key-file",
+                message: e.to_string(),
+            })?;
+            MasterKeySource::Given(key)
+        } else {
+            MasterKeySource::DataDir
+        };
         Ok(RelayConfig {
             listen: a.listen,
             data_dir: a.data_dir.clone(),
@@ -161,6 +207,7 @@ impl TryFrom<&ServeArgs> for RelayConfig {
                 max_concurrent_streams: a.max_streams,
             },
             shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
+            master_key,
         })
     }
 }
@@ -186,6 +233,48 @@ mod tests {
             parse(&["r", "serve", "--dev-tls"]).unwrap().tls,
             TlsMode::Dev { .. }
         ));
+    }
+
+    #[test]
+    fn master_key_sources() {
+        let dev = ["r", "serve", "--no-tls"];
+        assert!(matches!(
+            parse(&dev).unwrap().master_key,
+            MasterKeySource::DataDir
+        ));
+        let key = MasterKey::generate();
+        let b64 = key.to_base64();
+        let mut args = dev.to_vec();
+        args.extend(["--master-key", &b64]);
+        match parse(&args).unwrap().master_key {
+            MasterKeySource::Given(k) => assert_eq!(k, key),
+            MasterKeySource::DataDir => panic!("key ignored"),
+        }
+        // A bad key is refused without being echoed.
+        let mut args = dev.to_vec();
+        args.extend(["--master-key", "hunter2-not-a-key"]);
+        let e = parse(&args).unwrap_err();
+        assert!(e.starts_with("--master-key: "), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        // Missing file: named.
+        let mut args = dev.to_vec();
+        args.extend(["--master-key-file", "/nonexistent/airlock-key"]);
+        let e = parse(&args).unwrap_err();
+        assert!(e.contains("/nonexistent/airlock-key"), "{e}");
+        // Both at once: refused by clap.
+        let mut args = dev.to_vec();
+        args.extend(["--master-key", &b64, "--master-key-file", "k"]);
+        assert!(parse(&args).is_err());
+    }
+
+    #[test]
+    fn help_hides_the_master_key_value() {
+        use clap::CommandFactory as _;
+        let mut cmd = Cli::command();
+        let serve = cmd.find_subcommand_mut("serve").unwrap();
+        let help = serve.render_long_help().to_string();
+        assert!(help.contains("--master-key-file"), "{help}");
+        assert!(help.contains("AIRLOCK_MASTER_KEY"), "{help}");
     }
 
     #[test]

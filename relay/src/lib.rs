@@ -7,7 +7,8 @@
 //! - [`tunnel`]: `GET /v1/agent/connect`, the handshake, the registry of agent sessions.
 //! - [`proxy`]: the main job (`/v1/connections/{name}/proxy/…`) and the test request.
 //! - [`api`]: agents and connection definitions (CRUD).
-//! - [`store`]: persistent state on sqlx/SQLite. [`state`]: what handlers share.
+//! - [`store`]: persistent state on sqlx/SQLite, secrets sealed by [`secrets`] under the master
+//!   key. [`state`]: what handlers share.
 //! - [`tls`], [`token`], [`problem`] (RFC 9457 errors), [`config`], [`cli`] (client subcommands).
 //!
 //! `main.rs` only calls [`main`]; tests drive [`server::run`] or the binary.
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod problem;
 pub mod proxy;
+pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod store;

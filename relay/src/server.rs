@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::problem::Problem;
+use crate::secrets::{MasterKey, MASTER_KEY_FILE};
 use crate::state::{AppState, TunnelSettings};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Time a client has to complete the TLS handshake: 10 s.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +50,15 @@ pub enum TlsMode {
     Plain,
 }
 
+/// Where the master key that seals connection secrets comes from ([`crate::secrets`]).
+#[derive(Debug, Clone)]
+pub enum MasterKeySource {
+    /// Given by the operator (`AIRLOCK_MASTER_KEY` or `--master-key-file`), already read.
+    Given(MasterKey),
+    /// `<data-dir>/master-key`, generated (mode 0600) on first start: the embedded default.
+    DataDir,
+}
+
 /// Validated relay configuration.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -64,6 +74,8 @@ pub struct RelayConfig {
     pub tunnel: TunnelSettings,
     /// Longest wait for in-flight work at shutdown.
     pub shutdown_grace: Duration,
+    /// The master key for connection secrets.
+    pub master_key: MasterKeySource,
 }
 
 /// Name of the admin token file in the data directory.
@@ -95,6 +107,54 @@ fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
+}
+
+/// Opens the store with the configured master key (generating `<data-dir>/master-key` when no
+/// key is given and none exists), then checks that the key opens every stored secret.
+async fn open_store(config: &RelayConfig) -> anyhow::Result<Store> {
+    let data_dir = &config.data_dir;
+    let key_path = data_dir.join(MASTER_KEY_FILE);
+    let (key, generated) = match &config.master_key {
+        MasterKeySource::Given(key) => (key.clone(), false),
+        MasterKeySource::DataDir => {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            let (key, generated) = MasterKey::load_or_create(&key_path)
+                .context("loading the master key of the embedded default")?;
+            if generated {
+                info!(path = %key_path.display(), "first start: master key generated (mode 0600); back it up, secrets are lost without it");
+            }
+            (key, generated)
+        }
+    };
+    let store = Store::open_sqlite(data_dir, &key)
+        .await
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    match store.seal_stored_secrets().await {
+        Ok(0) => {}
+        Ok(n) => info!(
+            connections = n,
+            "sealed secrets that were stored in plain text"
+        ),
+        Err(e @ StoreError::Decrypt { .. }) => {
+            store.close().await;
+            if generated {
+                // The store holds secrets of a key that is gone: do not keep a key that can
+                // never open them, so the next start fails the same way until the operator acts.
+                let _ = std::fs::remove_file(&key_path);
+                return Err(anyhow::Error::new(e).context(format!(
+                    "{} was missing, but the store holds secrets sealed with a master key: \
+                     restore that key file or pass the key (AIRLOCK_MASTER_KEY, \
+                     --master-key-file)",
+                    key_path.display()
+                )));
+            }
+            return Err(anyhow::Error::new(e)
+                .context("the master key does not open the secrets in the store"));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(store)
 }
 
 /// Builds the router over `state`. Tested without a socket.
@@ -164,9 +224,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
     let addr = listener.local_addr()?;
-    let store = Store::open_sqlite(&config.data_dir)
-        .await
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let store = open_store(&config).await?;
     bootstrap_admin_token(&store, &config.data_dir).await?;
     let acceptor = match &config.tls {
         TlsMode::Dev { names } => {

@@ -9,18 +9,25 @@
 //! (`BIGINT` columns), so a PostgreSQL variant needs only its own migrations folder and pool.
 //!
 //! Tokens are stored only as hashes ([`crate::token::hash`]). Connection definitions are stored
-//! as the JSON of [`ConnectionDefinition`]; every write is one statement, so a definition is
-//! never stored half-written.
+//! as the JSON of [`ConnectionDefinition`] with every secret sealed under the relay's master key
+//! ([`crate::secrets`]: `{"enc": "v1:…"}` in place of the plaintext); every write is one
+//! statement, so a definition is never stored half-written. The store is opened with the key
+//! ([`Store::open_sqlite`]); [`Store::seal_stored_secrets`] checks at startup that the key opens
+//! every stored secret and seals any plaintext left by an older relay.
 //!
-//! Not yet done: DESIGN.md asks for connection secrets to be encrypted at rest (AEAD with a key
-//! held outside the database); today the definition JSON is stored as is.
+//! SQLite runs with `secure_delete` on, so the bytes of replaced rows are zeroed rather than left
+//! in free pages of the file.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use airlock_shared::model::ConnectionDefinition;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+use crate::secrets::{MasterKey, SecretCipher};
 
 /// File name of the SQLite database inside the data directory.
 pub const DATABASE_FILE: &str = "airlock.db";
@@ -53,6 +60,19 @@ pub enum StoreError {
     /// A stored value could not be decoded; the message names the row, never its content.
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// A stored secret does not open under the master key: the relay runs with another key than
+    /// the one that sealed it, or the row was altered. Names the connection and the field, never
+    /// the value.
+    #[error(
+        "connection '{connection}': {source}; is this the master key the secrets were stored \
+         with (AIRLOCK_MASTER_KEY, --master-key-file or <data-dir>/master-key)?"
+    )]
+    Decrypt {
+        /// The connection whose secret failed to open.
+        connection: String,
+        /// Which field, and why.
+        source: crate::secrets::OpenError,
+    },
     /// Creating the data directory or database file failed.
     #[error("data directory: {0}")]
     Io(#[from] std::io::Error),
@@ -89,15 +109,16 @@ impl From<AgentRow> for AgentRecord {
 
 const AGENT_COLUMNS: &str = "id, name, agent_group, created_at, revoked_at";
 
-/// Handle to the relay's database. Cheap to clone: clones share one connection pool.
+/// Handle to the relay's database. Cheap to clone: clones share one connection pool and cipher.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    cipher: Arc<SecretCipher>,
 }
 
 impl Store {
     /// Opens (creating if needed) the SQLite database `<data_dir>/airlock.db` and applies
-    /// pending migrations.
+    /// pending migrations. Connection secrets are sealed and opened with `key`.
     ///
     /// Creates `data_dir` (mode 0700 on Unix) and the database file (mode 0600 on Unix, since it
     /// holds connection secrets) when missing. Connections use WAL journaling, a
@@ -107,7 +128,7 @@ impl Store {
     /// [`StoreError::Io`] when the directory or file cannot be created,
     /// [`StoreError::Database`] when SQLite cannot open the file, [`StoreError::Migrate`] when
     /// the schema cannot be brought up to date.
-    pub async fn open_sqlite(data_dir: &Path) -> Result<Store, StoreError> {
+    pub async fn open_sqlite(data_dir: &Path, key: &MasterKey) -> Result<Store, StoreError> {
         create_private_dir(data_dir)?;
         let path = data_dir.join(DATABASE_FILE);
         create_private_file(&path)?;
@@ -116,16 +137,18 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("secure_delete", "ON");
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .connect_with(options)
             .await?;
-        Store::migrated(pool).await
+        Store::migrated(pool, key).await
     }
 
-    /// Opens an empty in-memory database with the schema applied. For tests: the data lives as
-    /// long as the store's single pooled connection, i.e. until the last clone is dropped.
+    /// Opens an empty in-memory database with the schema applied and a random master key. For
+    /// tests: the data lives as long as the store's single pooled connection, i.e. until the last
+    /// clone is dropped.
     ///
     /// # Errors
     /// [`StoreError::Database`] or [`StoreError::Migrate`] (only on SQLite failures).
@@ -142,12 +165,15 @@ impl Store {
             .max_lifetime(None)
             .connect_with(options)
             .await?;
-        Store::migrated(pool).await
+        Store::migrated(pool, &MasterKey::generate()).await
     }
 
-    async fn migrated(pool: SqlitePool) -> Result<Store, StoreError> {
+    async fn migrated(pool: SqlitePool, key: &MasterKey) -> Result<Store, StoreError> {
         SQLITE_MIGRATOR.run(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            cipher: Arc::new(SecretCipher::new(key)),
+        })
     }
 
     /// Closes every pooled connection, waiting for statements in progress; for shutdown.
@@ -295,7 +321,7 @@ impl Store {
         &self,
         definition: &ConnectionDefinition,
     ) -> Result<(), StoreError> {
-        let json = encode_definition(definition)?;
+        let json = self.encode_definition(definition)?;
         let now = now_ms();
         let result = sqlx::query(
             "INSERT INTO connections (name, definition, created_at, updated_at) \
@@ -318,29 +344,75 @@ impl Store {
     /// The connection definition called `name`; `None` when there is none.
     ///
     /// # Errors
-    /// [`StoreError::Corrupt`] when the stored JSON does not parse, [`StoreError::Database`].
+    /// [`StoreError::Corrupt`] when the stored JSON does not parse, [`StoreError::Decrypt`] when a
+    /// secret does not open under the master key, [`StoreError::Database`].
     pub async fn connection(&self, name: &str) -> Result<Option<ConnectionDefinition>, StoreError> {
         let row: Option<(String, String)> =
             sqlx::query_as("SELECT name, definition FROM connections WHERE name = $1")
                 .bind(name)
                 .fetch_optional(&self.pool)
                 .await?;
-        row.map(|(name, json)| decode_definition(&name, &json))
+        row.map(|(name, json)| self.decode_definition(&name, &json).map(|(d, _)| d))
             .transpose()
     }
 
     /// All connection definitions, ordered by name (byte order).
     ///
     /// # Errors
-    /// [`StoreError::Corrupt`] when any stored JSON does not parse, [`StoreError::Database`].
+    /// [`StoreError::Corrupt`] when any stored JSON does not parse, [`StoreError::Decrypt`] when a
+    /// secret does not open under the master key, [`StoreError::Database`].
     pub async fn list_connections(&self) -> Result<Vec<ConnectionDefinition>, StoreError> {
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT name, definition FROM connections ORDER BY name")
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter()
-            .map(|(name, json)| decode_definition(name, json))
+            .map(|(name, json)| self.decode_definition(name, json).map(|(d, _)| d))
             .collect()
+    }
+
+    /// Checks that the master key opens every stored secret, and seals secrets stored in plain
+    /// text (rows written before secrets were encrypted, or edited by hand). Returns how many
+    /// connections were rewritten. Run once at startup, before serving: a relay started with the
+    /// wrong key fails here, naming the connection, instead of on the first request.
+    ///
+    /// After rewriting, the WAL is checkpointed and truncated, so the plaintext does not linger in
+    /// the `-wal` file (`secure_delete` zeroes it in the database file).
+    ///
+    /// # Errors
+    /// [`StoreError::Decrypt`] for the first connection whose secrets do not open,
+    /// [`StoreError::Corrupt`], [`StoreError::Database`].
+    pub async fn seal_stored_secrets(&self) -> Result<usize, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, definition FROM connections ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut resealed = 0;
+        for (name, json) in &rows {
+            let (definition, plaintext) = self.decode_definition(name, json)?;
+            if !plaintext {
+                continue;
+            }
+            let sealed = self.encode_definition(&definition)?;
+            // Only if the row is unchanged since it was read: a concurrent update already sealed.
+            sqlx::query(
+                "UPDATE connections SET definition = $1 WHERE name = $2 AND definition = $3",
+            )
+            .bind(sealed)
+            .bind(name)
+            .bind(json)
+            .execute(&self.pool)
+            .await?;
+            tracing::info!(connection = %name, "sealed secrets stored in plain text");
+            resealed += 1;
+        }
+        if resealed > 0 {
+            // In-memory databases have no WAL; the pragma is then a no-op.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(resealed)
     }
 
     /// Replaces the definition stored under `definition.name`. Returns `false` (and stores
@@ -352,7 +424,7 @@ impl Store {
         &self,
         definition: &ConnectionDefinition,
     ) -> Result<bool, StoreError> {
-        let json = encode_definition(definition)?;
+        let json = self.encode_definition(definition)?;
         let result =
             sqlx::query("UPDATE connections SET definition = $1, updated_at = $2 WHERE name = $3")
                 .bind(json)
@@ -361,6 +433,55 @@ impl Store {
                 .execute(&self.pool)
                 .await?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// The JSON stored for `definition`: secrets sealed ([`SecretCipher::seal_definition`]).
+    fn encode_definition(&self, definition: &ConnectionDefinition) -> Result<String, StoreError> {
+        // serde_json errors may quote values; keep only the category.
+        let corrupt = |e: serde_json::Error| {
+            StoreError::Corrupt(format!(
+                "connection '{}': cannot encode definition ({:?} error)",
+                definition.name,
+                e.classify()
+            ))
+        };
+        let value = self.cipher.seal_definition(definition).map_err(corrupt)?;
+        serde_json::to_string(&value).map_err(corrupt)
+    }
+
+    /// The definition stored as `json` for connection `name`, its secrets opened, and whether
+    /// some secret was stored in plain text.
+    fn decode_definition(
+        &self,
+        name: &str,
+        json: &str,
+    ) -> Result<(ConnectionDefinition, bool), StoreError> {
+        // serde_json messages can quote the offending value (a secret, possibly), so report only
+        // the error category and position.
+        let mut value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "connection '{name}': stored definition does not parse \
+                 ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
+        let stored = value.clone();
+        self.cipher
+            .open_value(name, &mut value)
+            .map_err(|source| StoreError::Decrypt {
+                connection: name.to_owned(),
+                source,
+            })?;
+        let definition: ConnectionDefinition = serde_json::from_value(value).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "connection '{name}': stored definition does not match the model ({:?} error)",
+                e.classify()
+            ))
+        })?;
+        let plaintext = crate::secrets::has_plaintext_secret(&definition, &stored);
+        Ok((definition, plaintext))
     }
 
     /// Deletes the connection called `name`. Returns `false` when there was none.
@@ -382,31 +503,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-fn encode_definition(definition: &ConnectionDefinition) -> Result<String, StoreError> {
-    // serde_json errors may quote values; keep only the category.
-    serde_json::to_string(definition).map_err(|e| {
-        StoreError::Corrupt(format!(
-            "connection '{}': cannot encode definition ({:?} error)",
-            definition.name,
-            e.classify()
-        ))
-    })
-}
-
-fn decode_definition(name: &str, json: &str) -> Result<ConnectionDefinition, StoreError> {
-    // serde_json messages can quote the offending value (a secret, possibly), so report only
-    // the error category and position.
-    serde_json::from_str(json).map_err(|e| {
-        StoreError::Corrupt(format!(
-            "connection '{name}': stored definition does not parse \
-             ({:?} error at line {}, column {})",
-            e.classify(),
-            e.line(),
-            e.column()
-        ))
-    })
 }
 
 #[cfg(unix)]
@@ -629,7 +725,9 @@ mod tests {
     #[tokio::test]
     async fn concurrent_creates_have_one_winner() {
         let dir = TempDir::new("race");
-        let store = Store::open_sqlite(&dir.0).await.unwrap();
+        let store = Store::open_sqlite(&dir.0, &MasterKey::generate())
+            .await
+            .unwrap();
         let tasks: Vec<_> = (0..8)
             .map(|i| {
                 let store = store.clone();
@@ -677,7 +775,8 @@ mod tests {
     async fn sqlite_file_persists_across_reopen() {
         let dir = TempDir::new("reopen");
         let data_dir = dir.0.join("nested").join("data");
-        let store = Store::open_sqlite(&data_dir).await.unwrap();
+        let key = MasterKey::generate();
+        let store = Store::open_sqlite(&data_dir, &key).await.unwrap();
         let db = data_dir.join(DATABASE_FILE);
         assert!(db.is_file());
         #[cfg(unix)]
@@ -706,7 +805,7 @@ mod tests {
         store.close().await;
 
         // Reopening runs the migrations again (a no-op) and finds everything.
-        let store = Store::open_sqlite(&data_dir).await.unwrap();
+        let store = Store::open_sqlite(&data_dir, &key).await.unwrap();
         assert_eq!(store.admin_token_hashes().await.unwrap(), ["admin"]);
         assert_eq!(store.agent(&agent.id).await.unwrap(), Some(agent));
         assert_eq!(
@@ -714,5 +813,159 @@ mod tests {
             Some(definition("jira", "pw"))
         );
         store.close().await;
+    }
+    /// Every byte of the SQLite files of `data_dir`, for plaintext searches.
+    fn database_bytes(data_dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let path = data_dir.join(format!("{DATABASE_FILE}{suffix}"));
+            if let Ok(bytes) = std::fs::read(&path) {
+                all.extend_from_slice(&bytes);
+            }
+        }
+        all
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn secrets_are_sealed_on_disk_and_need_the_key() {
+        const SECRET: &str = "pw-7f3a9c-never-on-disk";
+        let dir = TempDir::new("sealed");
+        let key = MasterKey::generate();
+        let store = Store::open_sqlite(&dir.0, &key).await.unwrap();
+        store
+            .create_connection(&definition("jira", SECRET))
+            .await
+            .unwrap();
+        store
+            .update_connection(&definition("jira", &format!("{SECRET}-2")))
+            .await
+            .unwrap();
+        let (stored,): (String,) =
+            sqlx::query_as("SELECT definition FROM connections WHERE name = 'jira'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert!(!stored.contains(SECRET), "{stored}");
+        let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        assert!(stored["auth"]["password"]["enc"]
+            .as_str()
+            .unwrap()
+            .starts_with("v1:"));
+        assert_eq!(stored["auth"]["username"], "svc");
+        assert_eq!(
+            store.connection("jira").await.unwrap(),
+            Some(definition("jira", &format!("{SECRET}-2")))
+        );
+        assert_eq!(store.seal_stored_secrets().await.unwrap(), 0);
+        assert!(!contains(&database_bytes(&dir.0), SECRET));
+        store.close().await;
+        assert!(!contains(&database_bytes(&dir.0), SECRET));
+
+        // Another key: every read of the connection fails, naming it but not the value.
+        let other = Store::open_sqlite(&dir.0, &MasterKey::generate())
+            .await
+            .unwrap();
+        for err in [
+            other.seal_stored_secrets().await.unwrap_err(),
+            other.connection("jira").await.unwrap_err(),
+            other.list_connections().await.unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, StoreError::Decrypt { connection, .. } if connection == "jira"),
+                "{err:?}"
+            );
+            let text = format!("{err} {err:?}");
+            assert!(
+                text.contains("'jira'") && text.contains("/auth/password"),
+                "{text}"
+            );
+            assert!(text.contains("master key"), "{text}");
+            assert!(!text.contains(SECRET), "{text}");
+        }
+        other.close().await;
+
+        // The right key still works.
+        let store = Store::open_sqlite(&dir.0, &key).await.unwrap();
+        assert_eq!(store.list_connections().await.unwrap().len(), 1);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn plaintext_rows_are_read_and_sealed_at_startup() {
+        const SECRET: &str = "legacy-plaintext-4b1d";
+        let dir = TempDir::new("legacy");
+        let store = Store::open_sqlite(&dir.0, &MasterKey::generate())
+            .await
+            .unwrap();
+        // A row as a relay without encryption wrote it.
+        let legacy = serde_json::to_string(&definition("old", SECRET)).unwrap();
+        sqlx::query(
+            "INSERT INTO connections (name, definition, created_at, updated_at) \
+             VALUES ('old', $1, 0, 0)",
+        )
+        .bind(&legacy)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        store
+            .create_connection(&definition("new", "x"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.connection("old").await.unwrap(),
+            Some(definition("old", SECRET))
+        );
+        assert_eq!(store.seal_stored_secrets().await.unwrap(), 1);
+        assert_eq!(store.seal_stored_secrets().await.unwrap(), 0);
+        assert_eq!(
+            store.connection("old").await.unwrap(),
+            Some(definition("old", SECRET))
+        );
+        let (stored,): (String,) =
+            sqlx::query_as("SELECT definition FROM connections WHERE name = 'old'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert!(!stored.contains(SECRET), "{stored}");
+        store.close().await;
+        // secure_delete and the WAL truncation leave no copy of the old row in the files.
+        assert!(!contains(&database_bytes(&dir.0), SECRET));
+    }
+
+    #[tokio::test]
+    async fn swapped_ciphertexts_do_not_open() {
+        let store = Store::open_memory().await.unwrap();
+        store
+            .create_connection(&definition("a", "pa"))
+            .await
+            .unwrap();
+        store
+            .create_connection(&definition("b", "pb"))
+            .await
+            .unwrap();
+        // Copy a's sealed row over b's: the name in the associated data no longer matches.
+        sqlx::query(
+            "UPDATE connections SET definition = \
+             (SELECT replace(definition, '\"name\":\"a\"', '\"name\":\"b\"') \
+              FROM connections WHERE name = 'a') WHERE name = 'b'",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let err = store.connection("b").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Decrypt { connection, .. } if connection == "b"),
+            "{err:?}"
+        );
+        assert_eq!(
+            store.connection("a").await.unwrap(),
+            Some(definition("a", "pa"))
+        );
     }
 }
