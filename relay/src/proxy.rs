@@ -452,9 +452,15 @@ pub async fn run_test(state: &AppState, conn: &CachedConnection) -> TestReport {
             let mut body = executed.body.into_data_stream();
             let mut read = 0usize;
             let mut body_error = None;
+            // The start of the body, to recognise a web server's "client certificate" page.
+            let mut head = Vec::new();
             while read < TEST_BODY_LIMIT {
                 match futures_util::StreamExt::next(&mut body).await {
-                    Some(Ok(chunk)) => read += chunk.len(),
+                    Some(Ok(chunk)) => {
+                        read += chunk.len();
+                        let room = 1024usize.saturating_sub(head.len());
+                        head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
                     Some(Err(e)) => {
                         body_error = Some(("upstream_protocol".to_string(), e.to_string()));
                         break;
@@ -473,7 +479,10 @@ pub async fn run_test(state: &AppState, conn: &CachedConnection) -> TestReport {
                 } else {
                     Some((
                         "http_status".to_string(),
-                        format!("the app answered {status}"),
+                        format!(
+                            "the app answered {status}{}",
+                            client_certificate_hint(status, &head)
+                        ),
                     ))
                 }
             });
@@ -486,6 +495,25 @@ pub async fn run_test(state: &AppState, conn: &CachedConnection) -> TestReport {
         latency_ms: started.elapsed().as_millis() as u64,
         agent,
         error: error.map(|(kind, message)| TestFailure { kind, message }),
+    }
+}
+
+/// Explains a 400 that is really a TLS client-certificate failure: servers that check client
+/// certificates at the HTTP layer (nginx with `ssl_verify_client on`) finish the handshake and
+/// answer 400 with a page saying so, instead of a TLS alert.
+fn client_certificate_hint(status: StatusCode, body: &[u8]) -> &'static str {
+    if status != StatusCode::BAD_REQUEST {
+        return "";
+    }
+    let text = String::from_utf8_lossy(body);
+    if text.contains("No required SSL certificate was sent") {
+        ": the app requires a TLS client certificate and none was sent (\"No required SSL \
+         certificate was sent\"); set tls.client_certificate and tls.client_key"
+    } else if text.contains("SSL certificate error") {
+        ": the app refused the TLS client certificate (\"The SSL certificate error\"): it is \
+         not signed by a CA the app trusts, or is expired or revoked"
+    } else {
+        ""
     }
 }
 

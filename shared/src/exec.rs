@@ -885,6 +885,21 @@ pub fn merge_query(url: &mut Url, params: &AuthParams) {
     }
 }
 
+/// The rustls error `e` is or wraps: directly, or inside `io::Error`s (tokio-rustls wraps it in
+/// one, and hyper-rustls wraps that in another; `io::Error::source` skips the wrapped error, so
+/// the source chain alone never shows it).
+fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current = e;
+    for _ in 0..4 {
+        if let Some(t) = current.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        let inner = current.downcast_ref::<std::io::Error>()?.get_ref()?;
+        current = inner;
+    }
+    None
+}
+
 /// A human description of a TLS failure: which certificate problem or which alert, and what to
 /// set to fix it.
 pub fn describe_tls_error(e: &rustls::Error) -> String {
@@ -966,16 +981,12 @@ pub fn classify(err: &reqwest::Error) -> ExecError {
         if let Some(r) = e.downcast_ref::<DestinationRefused>() {
             return ExecError::new(ResetCode::DestinationNotAllowed, r.to_string());
         }
-        if let Some(t) = e.downcast_ref::<rustls::Error>() {
+        if let Some(t) = find_rustls_error(e) {
             code.get_or_insert(ResetCode::Tls);
             tls.get_or_insert_with(|| describe_tls_error(t));
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if let Some(inner) = io.get_ref() {
-                if let Some(t) = inner.downcast_ref::<rustls::Error>() {
-                    code.get_or_insert(ResetCode::Tls);
-                    tls.get_or_insert_with(|| describe_tls_error(t));
-                }
                 if let Some(r) = inner.downcast_ref::<DestinationRefused>() {
                     return ExecError::new(ResetCode::DestinationNotAllowed, r.to_string());
                 }

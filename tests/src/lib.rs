@@ -20,6 +20,10 @@
 //!   chunks, and a `/hang` route that records when its request was cancelled.
 //! - [`Netns`]: network namespaces that make "behind the firewall" real: the agent runs in
 //!   namespace A, the private app in namespace P that only A can reach.
+//! - [`Nginx`]: the real nginx (Debian package) as an HTTPS upstream, optionally requiring a
+//!   client certificate (`ssl_verify_client on`).
+//! - [`certs`]: throwaway CAs and certificates ([`TestCa`], rcgen), and the `openssl` CLI for
+//!   RSA keys and the PKCS#1 / SEC1 key formats.
 //! - [`free_port`], [`http_client`], [`parse_metric`]: small helpers.
 //!
 //! # Where traffic goes
@@ -36,9 +40,11 @@
 //! agent said.
 
 mod agent;
+pub mod certs;
 mod eventually;
 mod httpbin;
 mod netns;
+mod nginx;
 pub mod pattern;
 mod process;
 mod relay;
@@ -48,9 +54,11 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 
 pub use agent::{wait_agent_online, wait_agent_status, Agent, AgentOptions};
+pub use certs::{Issued, TestCa};
 pub use eventually::{eventually, EVENTUALLY_TIMEOUT, POLL_INTERVAL};
 pub use httpbin::{venv_dir, Httpbin, HttpbinOptions};
 pub use netns::{Netns, NetnsStream};
+pub use nginx::{nginx_binary, Nginx, NginxOptions};
 pub use relay::{Relay, RelayOptions};
 pub use upstream::{RecordedRequest, Upstream, UpstreamOptions};
 
