@@ -16,4 +16,7 @@
 pub mod exec;
 pub mod model;
 pub mod mux;
+#[cfg(feature = "openapi")]
+mod openapi;
 pub mod proto;
+pub mod runtime;
