@@ -9,13 +9,15 @@
 //! - [`api`]: agents and connection definitions (CRUD).
 //! - [`store`]: persistent state on sqlx/SQLite, secrets sealed by [`secrets`] under the master
 //!   key. [`state`]: what handlers share.
-//! - [`tls`], [`token`], [`problem`] (RFC 9457 errors), [`config`], [`cli`] (client subcommands).
+//! - [`tls`], [`token`], [`problem`] (RFC 9457 errors), [`config`], [`cli`] (client subcommands),
+//!   [`openapi`] (the document served at `/v1/openapi.json`).
 //!
 //! `main.rs` only calls [`main`]; tests drive [`server::run`] or the binary.
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod openapi;
 pub mod problem;
 pub mod proxy;
 pub mod secrets;

@@ -12,7 +12,7 @@ use serde::Serialize;
 pub const TYPE_BASE: &str = "https://airlock.dev/problems/";
 
 /// A problem response (RFC 9457 §3).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// Stable URI naming the problem type.
     #[serde(rename = "type")]

@@ -70,7 +70,7 @@ fn agent_offline(group: &str) -> Problem {
 }
 
 /// Where a request was executed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ExecutedBy {
     /// Enrolled agent id.
     pub id: String,
@@ -387,7 +387,7 @@ async fn proxy_inner(
 }
 
 /// Result of `POST /v1/connections/{name}/test`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TestReport {
     /// True when the test request got a 2xx.
     pub ok: bool,
@@ -402,7 +402,7 @@ pub struct TestReport {
 }
 
 /// A classified test failure.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TestFailure {
     /// One of `agent_offline`, `dns`, `connect`, `tls`, `timeout`, `auth` (401/403),
     /// `http_status` (other non-2xx), `destination_not_allowed`, or another problem slug.

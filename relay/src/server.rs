@@ -170,6 +170,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/connections/{name}/test",
             post(crate::proxy::test_connection),
         )
+        .route(crate::openapi::PATH, get(crate::openapi::serve))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state.clone())

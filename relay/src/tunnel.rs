@@ -54,7 +54,7 @@ pub struct Session {
 }
 
 /// What the API shows of a session.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     /// Session id.
     pub session_id: String,

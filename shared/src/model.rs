@@ -97,6 +97,7 @@ impl std::fmt::Debug for Secret {
 
 /// One header field an auth type sends: `{"name": "X-Api-Key", "value": "…", "secret": true}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AuthHeader {
     /// Field name, an RFC 9110 token (§5.1); compared case-insensitively.
@@ -119,6 +120,7 @@ pub type AuthParams = BTreeMap<String, Secret>;
 /// How requests of a connection are authenticated. JSON: `{"type": "<variant>", …}`; see the
 /// module documentation for every shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Auth {
     /// No credentials. Also the type of webhook receivers.
@@ -141,6 +143,7 @@ pub enum Auth {
     /// API keys as query parameters, merged with the request's own query string.
     Query {
         /// At least one parameter.
+        #[cfg_attr(feature = "openapi", schema(inline))]
         params: AuthParams,
     },
     /// Any combination of Basic credentials, header fields and query parameters.
@@ -156,6 +159,7 @@ pub enum Auth {
         headers: Vec<AuthHeader>,
         /// Query parameters.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        #[cfg_attr(feature = "openapi", schema(inline))]
         params: AuthParams,
     },
     /// Credentials (and TLS settings) held by the agent in its own configuration under
@@ -415,6 +419,7 @@ pub fn pointer_token(s: &str) -> String {
 /// TLS settings for the connection to the app. Empty means: verify against the system roots,
 /// present no client certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     /// Extra trusted CA certificate(s), PEM, besides the system roots.
@@ -597,6 +602,7 @@ fn default_response_timeout_ms() -> u64 {
 
 /// Where the app lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Network {
     /// True when the app is in a private network and must be called by an agent.
@@ -609,6 +615,7 @@ pub struct Network {
 
 /// The request that proves a connection works (DESIGN.md: "a test request (a GET)").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TestRequest {
     /// Method; `GET` by default.
@@ -638,6 +645,7 @@ fn default_test_path() -> String {
 
 /// A connection definition as the API takes it and the relay stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionDefinition {
     /// Unique name: 1 to 64 characters of `[A-Za-z0-9._-]`; used in URLs.
