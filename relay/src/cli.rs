@@ -16,9 +16,7 @@ use std::io::{BufRead, Read as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use airlock_shared::model::{
-    Auth, ConnectionDefinition, Network, Secret, TestRequest, TlsSettings,
-};
+use airlock_shared::model::{ConnectionDefinition, Secret, TestRequest};
 use anyhow::{anyhow, bail, Context as _};
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use reqwest::{Method, StatusCode};
@@ -97,7 +95,7 @@ pub enum ConnectionsCommand {
         name: Option<String>,
         /// The definition.
         #[command(flatten)]
-        definition: ConnectionFlags,
+        definition: Box<ConnectionFlags>,
     },
     /// Replace a connection's definition. Omitted secrets keep their stored value.
     Update {
@@ -105,7 +103,7 @@ pub enum ConnectionsCommand {
         name: String,
         /// The new definition.
         #[command(flatten)]
-        definition: ConnectionFlags,
+        definition: Box<ConnectionFlags>,
     },
     /// List connections.
     List,
@@ -126,16 +124,43 @@ pub enum ConnectionsCommand {
     },
 }
 
-/// `--auth`.
+/// `--auth`: the auth types of DESIGN.md but the two OAuth2 grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthKind {
     /// No credentials.
     None,
     /// HTTP Basic (RFC 7617): --username and a password.
     Basic,
+    /// Header fields: --header, --header-env, --public-header.
+    Header,
+    /// Query parameters: --param, --param-env.
+    Query,
+    /// Any combination of --username/password, headers and parameters.
+    Custom,
+    /// Credentials held by the agent under [profiles.NAME] of its configuration: --profile.
+    Profile,
+}
+
+impl AuthKind {
+    fn name(self) -> &'static str {
+        match self {
+            AuthKind::None => "none",
+            AuthKind::Basic => "basic",
+            AuthKind::Header => "header",
+            AuthKind::Query => "query",
+            AuthKind::Custom => "custom",
+            AuthKind::Profile => "profile",
+        }
+    }
 }
 
 /// A connection definition given as flags, or the file holding it.
+///
+/// Flags become the definition's JSON directly (see [`ConnectionFlags::to_body`]), so they do
+/// not depend on the model's Rust types. Secret values given on the command line are visible to
+/// other local users; each has a variant reading it from the environment (`--password-env`,
+/// `--header-env`, `--param-env`), stdin (`--password-stdin`) or a file (`--client-key`), and
+/// no secret is ever printed: answers show `{"set": true}`, errors name the flag.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConnectionFlags {
     /// Read the whole definition (JSON, as the API takes it) from FILE; `-` reads stdin.
@@ -144,6 +169,8 @@ pub struct ConnectionFlags {
         value_name = "FILE",
         conflicts_with_all = [
             "base_url", "auth", "username", "password", "password_env", "password_stdin",
+            "headers", "header_envs", "public_headers", "params", "param_envs", "profile",
+            "client_cert", "client_key", "ca_cert", "insecure_skip_verify",
             "private", "agent_group", "test_path", "test_method", "response_timeout_ms",
         ]
     )]
@@ -151,11 +178,13 @@ pub struct ConnectionFlags {
     /// Base URL of the app (http or https, no query).
     #[arg(long, value_name = "URL", required_unless_present = "from_file")]
     pub base_url: Option<String>,
-    /// Authentication; `basic` when --username is given, otherwise `none`.
-    #[arg(long, value_enum, value_name = "TYPE")]
+    /// Authentication. When omitted it follows from the credential flags: `basic` with
+    /// --username, `header` with header flags, `query` with parameter flags, `custom` with more
+    /// than one of those, `profile` with --profile, otherwise `none`.
+    #[arg(long, value_enum, value_name = "TYPE", help_heading = "Authentication")]
     pub auth: Option<AuthKind>,
     /// Basic auth user name (or API key).
-    #[arg(long, value_name = "USER")]
+    #[arg(long, value_name = "USER", help_heading = "Authentication")]
     pub username: Option<String>,
     /// Basic auth password. Visible to other local users; prefer --password-env or
     /// --password-stdin.
@@ -163,15 +192,82 @@ pub struct ConnectionFlags {
         long,
         value_name = "PASSWORD",
         value_parser = parse_secret,
-        conflicts_with_all = ["password_env", "password_stdin"]
+        conflicts_with_all = ["password_env", "password_stdin"],
+        help_heading = "Authentication"
     )]
     pub password: Option<Secret>,
     /// Read the password from the environment variable VAR.
-    #[arg(long, value_name = "VAR", conflicts_with = "password_stdin")]
+    #[arg(
+        long,
+        value_name = "VAR",
+        conflicts_with = "password_stdin",
+        help_heading = "Authentication"
+    )]
     pub password_env: Option<String>,
     /// Read the password from the first line of stdin.
-    #[arg(long)]
+    #[arg(long, help_heading = "Authentication")]
     pub password_stdin: bool,
+    /// A header field the connection sends, secret (the API shows {"set": true}), e.g.
+    /// 'Authorization: Bearer …'. Repeatable. Visible to other local users; prefer --header-env.
+    #[arg(
+        long = "header",
+        value_name = "'NAME: VALUE'",
+        value_parser = parse_secret,
+        help_heading = "Authentication"
+    )]
+    pub headers: Vec<Secret>,
+    /// A secret header field whose value is read from the environment variable VAR. Repeatable.
+    #[arg(
+        long = "header-env",
+        value_name = "NAME=VAR",
+        help_heading = "Authentication"
+    )]
+    pub header_envs: Vec<String>,
+    /// A header field that is not a secret (the API shows its value), e.g. 'X-Tenant: acme'.
+    /// Repeatable.
+    #[arg(
+        long = "public-header",
+        value_name = "'NAME: VALUE'",
+        help_heading = "Authentication"
+    )]
+    pub public_headers: Vec<String>,
+    /// A query parameter the connection adds (its value is secret), e.g. api_key=….
+    /// Repeatable. Visible to other local users; prefer --param-env.
+    #[arg(
+        long = "param",
+        value_name = "NAME=VALUE",
+        value_parser = parse_secret,
+        help_heading = "Authentication"
+    )]
+    pub params: Vec<Secret>,
+    /// A query parameter whose value is read from the environment variable VAR. Repeatable.
+    #[arg(
+        long = "param-env",
+        value_name = "NAME=VAR",
+        help_heading = "Authentication"
+    )]
+    pub param_envs: Vec<String>,
+    /// The agent profile ([profiles.NAME] in the agent's configuration) holding the credentials;
+    /// private connections only.
+    #[arg(long, value_name = "NAME", help_heading = "Authentication")]
+    pub profile: Option<String>,
+    /// Client certificate for mutual TLS: a PEM file, leaf first, then any intermediates.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "client_key",
+        help_heading = "TLS to the app"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key: a PEM file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", help_heading = "TLS to the app")]
+    pub client_key: Option<PathBuf>,
+    /// Extra CA certificate(s) to trust for the app, besides the system roots: a PEM file.
+    #[arg(long, value_name = "FILE", help_heading = "TLS to the app")]
+    pub ca_cert: Option<PathBuf>,
+    /// Accept any certificate from the app (no chain, name or expiry check). Only for tests.
+    #[arg(long, help_heading = "TLS to the app")]
+    pub insecure_skip_verify: bool,
     /// The app is in a private network: requests go through an agent of --agent-group.
     #[arg(long, requires = "agent_group")]
     pub private: bool,
@@ -195,6 +291,25 @@ pub struct ConnectionFlags {
 #[error("connection test failed")]
 pub struct Reported;
 
+/// Where flag values that are not on the command line come from: stdin and the environment.
+/// Injected so that tests need neither.
+pub struct Sources<'a> {
+    /// Read by `--password-stdin`.
+    pub stdin: &'a mut dyn BufRead,
+    /// Looks up an environment variable (`--password-env`, `--header-env`, `--param-env`).
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// One header field of the flags, in the order the definition lists them.
+#[derive(Debug)]
+struct HeaderFlag {
+    /// The flag it came from, for messages: `--header`, `--header-env`, `--public-header`.
+    flag: &'static str,
+    name: String,
+    value: Secret,
+    secret: bool,
+}
+
 impl ConnectionFlags {
     /// True when the password comes from one of the password flags.
     pub fn password_given(&self) -> bool {
@@ -202,23 +317,24 @@ impl ConnectionFlags {
     }
 
     /// Reads the password from its source: `--password`, the variable of `--password-env`, or the
-    /// first line of `stdin` (without its line ending) with `--password-stdin`. `None` when no
+    /// first line of stdin (without its line ending) with `--password-stdin`. `None` when no
     /// password flag is given.
     ///
     /// # Errors
     /// The variable is unset or not UTF-8; stdin cannot be read.
-    pub fn read_password(&self, stdin: &mut dyn BufRead) -> anyhow::Result<Option<Secret>> {
+    pub fn read_password(&self, sources: &mut Sources<'_>) -> anyhow::Result<Option<Secret>> {
         if let Some(p) = &self.password {
             return Ok(Some(p.clone()));
         }
         if let Some(var) = &self.password_env {
-            let value = std::env::var(var)
-                .map_err(|_| anyhow!("--password-env: environment variable {var} is not set"))?;
+            let value = (sources.env)(var)
+                .ok_or_else(|| anyhow!("--password-env: environment variable {var} is not set"))?;
             return Ok(Some(Secret::new(value)));
         }
         if self.password_stdin {
             let mut line = String::new();
-            stdin
+            sources
+                .stdin
                 .read_line(&mut line)
                 .context("--password-stdin: reading stdin")?;
             let value = line.trim_end_matches(['\n', '\r']);
@@ -227,95 +343,303 @@ impl ConnectionFlags {
         Ok(None)
     }
 
-    /// The definition the flags describe, named `name`, checked with
-    /// [`ConnectionDefinition::validate`]. `password` is the value read by
-    /// [`ConnectionFlags::read_password`]; without one a basic password is empty.
+    /// The header fields of `--header`, `--header-env` and `--public-header`, in that order.
+    fn header_flags(&self, sources: &Sources<'_>) -> anyhow::Result<Vec<HeaderFlag>> {
+        let mut out = Vec::new();
+        for (i, raw) in self.headers.iter().enumerate() {
+            // The message never quotes the argument: it may hold the secret.
+            let (name, value) = raw
+                .expose()
+                .split_once(':')
+                .ok_or_else(|| anyhow!("--header #{}: expected 'NAME: VALUE'", i + 1))?;
+            out.push(HeaderFlag {
+                flag: "--header",
+                name: name.to_string(),
+                // RFC 9110 §5.5: optional whitespace around a field value is not part of it.
+                value: Secret::new(value.trim_matches([' ', '\t'])),
+                secret: true,
+            });
+        }
+        for raw in &self.header_envs {
+            let (name, var) = raw
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--header-env {raw}: expected NAME=VAR"))?;
+            let value = (sources.env)(var).ok_or_else(|| {
+                anyhow!("--header-env {name}: environment variable {var} is not set")
+            })?;
+            out.push(HeaderFlag {
+                flag: "--header-env",
+                name: name.to_string(),
+                value: Secret::new(value),
+                secret: true,
+            });
+        }
+        for raw in &self.public_headers {
+            let (name, value) = raw
+                .split_once(':')
+                .ok_or_else(|| anyhow!("--public-header {raw}: expected 'NAME: VALUE'"))?;
+            out.push(HeaderFlag {
+                flag: "--public-header",
+                name: name.to_string(),
+                value: Secret::new(value.trim_matches([' ', '\t'])),
+                secret: false,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The query parameters of `--param` and `--param-env`, as a JSON object (a later one of the
+    /// same name wins).
+    fn param_flags(&self, sources: &Sources<'_>) -> anyhow::Result<serde_json::Map<String, Value>> {
+        let mut out = serde_json::Map::new();
+        for (i, raw) in self.params.iter().enumerate() {
+            let (name, value) = raw
+                .expose()
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--param #{}: expected NAME=VALUE", i + 1))?;
+            out.insert(name.to_string(), Value::String(value.to_string()));
+        }
+        for raw in &self.param_envs {
+            let (name, var) = raw
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--param-env {raw}: expected NAME=VAR"))?;
+            let value = (sources.env)(var).ok_or_else(|| {
+                anyhow!("--param-env {name}: environment variable {var} is not set")
+            })?;
+            out.insert(name.to_string(), Value::String(value));
+        }
+        Ok(out)
+    }
+
+    /// The `auth` object the flags describe. `password` is the value read by
+    /// [`ConnectionFlags::read_password`]; without one it is left out (an update then keeps the
+    /// stored one).
+    fn auth_json(
+        &self,
+        password: Option<Secret>,
+        headers: &[HeaderFlag],
+        params: serde_json::Map<String, Value>,
+    ) -> anyhow::Result<Value> {
+        let has_basic = self.username.is_some() || password.is_some();
+        let kind = match self.auth {
+            Some(kind) => kind,
+            None => {
+                let kinds = [has_basic, !headers.is_empty(), !params.is_empty()];
+                match (self.profile.is_some(), kinds.iter().filter(|k| **k).count()) {
+                    (true, _) => AuthKind::Profile,
+                    (false, 0) => AuthKind::None,
+                    (false, 1) if has_basic => AuthKind::Basic,
+                    (false, 1) if !headers.is_empty() => AuthKind::Header,
+                    (false, 1) => AuthKind::Query,
+                    (false, _) => AuthKind::Custom,
+                }
+            }
+        };
+        let refuse = |present: bool, what: &str| -> anyhow::Result<()> {
+            if present {
+                bail!("{what} cannot be used with --auth {}", kind.name());
+            }
+            Ok(())
+        };
+        let takes_basic = matches!(kind, AuthKind::Basic | AuthKind::Custom);
+        let takes_headers = matches!(kind, AuthKind::Header | AuthKind::Custom);
+        let takes_params = matches!(kind, AuthKind::Query | AuthKind::Custom);
+        refuse(!takes_basic && has_basic, "--username/--password")?;
+        refuse(!takes_headers && !headers.is_empty(), "a header flag")?;
+        refuse(!takes_params && !params.is_empty(), "a parameter flag")?;
+        refuse(
+            kind != AuthKind::Profile && self.profile.is_some(),
+            "--profile",
+        )?;
+        if password.is_some() && self.username.is_none() && kind == AuthKind::Custom {
+            bail!("--password needs --username (Basic credentials are username:password)");
+        }
+        let mut auth = serde_json::Map::new();
+        auth.insert("type".into(), Value::String(kind.name().into()));
+        match kind {
+            AuthKind::None => {}
+            AuthKind::Basic => {
+                let username = self
+                    .username
+                    .clone()
+                    .ok_or_else(|| anyhow!("--auth basic needs --username"))?;
+                auth.insert("username".into(), Value::String(username));
+            }
+            AuthKind::Header if headers.is_empty() => {
+                bail!("--auth header needs --header, --header-env or --public-header")
+            }
+            AuthKind::Query if params.is_empty() => {
+                bail!("--auth query needs --param or --param-env")
+            }
+            AuthKind::Profile => {
+                let name = self
+                    .profile
+                    .clone()
+                    .ok_or_else(|| anyhow!("--auth profile needs --profile"))?;
+                auth.insert("name".into(), Value::String(name));
+            }
+            AuthKind::Header | AuthKind::Query | AuthKind::Custom => {
+                if let Some(username) = &self.username {
+                    auth.insert("username".into(), Value::String(username.clone()));
+                }
+            }
+        }
+        if takes_basic {
+            if let Some(password) = password {
+                auth.insert(
+                    "password".into(),
+                    Value::String(password.expose().to_string()),
+                );
+            }
+        }
+        if takes_headers && !headers.is_empty() {
+            let list = headers
+                .iter()
+                .map(|h| {
+                    serde_json::json!({
+                        "name": h.name, "value": h.value.expose(), "secret": h.secret
+                    })
+                })
+                .collect();
+            auth.insert("headers".into(), Value::Array(list));
+        }
+        if takes_params && !params.is_empty() {
+            auth.insert("params".into(), Value::Object(params));
+        }
+        Ok(Value::Object(auth))
+    }
+
+    /// The `tls` object of the TLS flags, `None` when none is given. PEM files are read whole;
+    /// errors name the flag and the file, never the content.
+    fn tls_json(&self) -> anyhow::Result<Option<Value>> {
+        let read = |flag: &str, path: &Path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("{flag}: reading {}", path.display()))
+        };
+        let mut tls = serde_json::Map::new();
+        if let Some(path) = &self.client_cert {
+            tls.insert(
+                "client_certificate".into(),
+                Value::String(read("--client-cert", path)?),
+            );
+        }
+        if let Some(path) = &self.client_key {
+            tls.insert(
+                "client_key".into(),
+                Value::String(read("--client-key", path)?),
+            );
+        }
+        if let Some(path) = &self.ca_cert {
+            tls.insert(
+                "ca_certificate".into(),
+                Value::String(read("--ca-cert", path)?),
+            );
+        }
+        if self.insecure_skip_verify {
+            tls.insert("insecure_skip_verify".into(), Value::Bool(true));
+        }
+        Ok((!tls.is_empty()).then_some(Value::Object(tls)))
+    }
+
+    /// The request body (the definition's JSON, as the API takes it) for connection `name`.
+    ///
+    /// Secrets not given are left out, so that `update` keeps the stored ones. For `create`
+    /// (`update == false`) the definition is also checked locally with
+    /// [`ConnectionDefinition::validate`], so that mistakes are reported by flag before anything
+    /// is sent; an update is checked by the relay, which knows the stored secrets.
     ///
     /// # Errors
-    /// Missing `--base-url`, contradictory auth flags, or a validation failure naming the flag.
-    pub fn to_definition(
+    /// Missing `--base-url`, flags that contradict the auth type, unreadable sources, or a
+    /// validation failure naming the flag. Messages never contain a secret.
+    pub fn to_body(
         &self,
         name: &str,
-        password: Option<Secret>,
-    ) -> anyhow::Result<ConnectionDefinition> {
+        update: bool,
+        sources: &mut Sources<'_>,
+    ) -> anyhow::Result<Value> {
         let base_url = self
             .base_url
             .as_deref()
             .ok_or_else(|| anyhow!("--base-url is required (or use --from-file)"))?;
-        let base_url = Url::parse(base_url).map_err(|e| anyhow!("--base-url: {e}"))?;
-        let kind = self.auth.unwrap_or(if self.username.is_some() {
-            AuthKind::Basic
-        } else {
-            AuthKind::None
-        });
-        let auth = match kind {
-            AuthKind::None => {
-                if self.username.is_some() || password.is_some() {
-                    bail!("--username and passwords need --auth basic");
-                }
-                Auth::None
-            }
-            AuthKind::Basic => Auth::Basic {
-                username: self
-                    .username
-                    .clone()
-                    .ok_or_else(|| anyhow!("--auth basic needs --username"))?,
-                password: password.unwrap_or_default(),
-            },
-        };
+        // url's messages do not quote the input.
+        Url::parse(base_url).map_err(|e| anyhow!("--base-url: {e}"))?;
+        let password = self.read_password(sources)?;
+        let headers = self.header_flags(sources)?;
+        let params = self.param_flags(sources)?;
+        let auth = self.auth_json(password, &headers, params)?;
         let defaults = TestRequest::default();
-        let definition = ConnectionDefinition {
-            name: name.to_string(),
-            base_url,
-            auth,
-            tls: TlsSettings::default(),
-            network: Network {
-                private: self.private,
-                agent_group: self.agent_group.clone(),
+        let mut network = serde_json::json!({ "private": self.private });
+        if let Some(group) = &self.agent_group {
+            network["agent_group"] = Value::String(group.clone());
+        }
+        let mut body = serde_json::json!({
+            "name": name,
+            "base_url": base_url,
+            "auth": auth,
+            "network": network,
+            "test_request": {
+                "method": self.test_method.clone().unwrap_or(defaults.method),
+                "path": self.test_path.clone().unwrap_or(defaults.path),
             },
-            test_request: TestRequest {
-                method: self.test_method.clone().unwrap_or(defaults.method),
-                path: self.test_path.clone().unwrap_or(defaults.path),
-            },
-            response_timeout_ms: self.response_timeout_ms.unwrap_or(60_000),
-        };
-        definition
-            .validate()
-            .map_err(|e| anyhow!("{}: {}", flag_of(&e.field), e.message))?;
-        Ok(definition)
+            "response_timeout_ms": self.response_timeout_ms.unwrap_or(60_000),
+        });
+        if let Some(tls) = self.tls_json()? {
+            body["tls"] = tls;
+        }
+        if !update {
+            // serde messages may quote values: report only that the model refused, by field.
+            let definition: ConnectionDefinition = serde_path_to_error::deserialize(&body)
+                .map_err(|e| {
+                    anyhow!(
+                        "{}: not accepted by the model",
+                        flag_of(&e.path().to_string(), &headers)
+                    )
+                })?;
+            definition
+                .validate()
+                .map_err(|e| anyhow!("{}: {}", flag_of(&e.field, &headers), e.message))?;
+        }
+        Ok(body)
     }
 }
 
-/// The flag that sets a definition field, for error messages.
-fn flag_of(field: &str) -> String {
+/// The flag that sets a definition field, for error messages. `headers` maps
+/// `auth.headers[i]` to the header's flag and name.
+fn flag_of(field: &str, headers: &[HeaderFlag]) -> String {
+    if let Some(rest) = field.strip_prefix("auth.headers[") {
+        let index = rest.split(']').next().and_then(|i| i.parse::<usize>().ok());
+        if let Some(h) = index.and_then(|i| headers.get(i)) {
+            return format!("{} {}", h.flag, h.name);
+        }
+        return "--header".into();
+    }
+    if field.starts_with("auth.params") {
+        return "--param".into();
+    }
     match field {
         "name" => "--name".into(),
+        "auth" | "auth.type" => "--auth".into(),
         "auth.username" => "--username".into(),
         "auth.password" => "--password".into(),
+        "auth.name" => "--profile".into(),
+        "tls.client_certificate" => "--client-cert".into(),
+        "tls.client_key" => "--client-key".into(),
+        "tls.ca_certificate" => "--ca-cert".into(),
+        "tls.insecure_skip_verify" => "--insecure-skip-verify".into(),
         "network.agent_group" => "--agent-group".into(),
+        "network.private" => "--private".into(),
         "test_request.method" => "--test-method".into(),
         "test_request.path" => "--test-path".into(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }
 
-/// The request body for a definition given as flags. Without a password flag the password is
-/// left out, so that `update` keeps the stored one (and `create` stores an empty one).
-fn body_from_flags(
-    definition: &ConnectionDefinition,
-    password_given: bool,
-) -> anyhow::Result<Value> {
-    let mut body = serde_json::to_value(definition).context("encoding the definition")?;
-    if !password_given {
-        if let Some(auth) = body.get_mut("auth").and_then(Value::as_object_mut) {
-            auth.remove("password");
-        }
-    }
-    Ok(body)
-}
-
 /// The request body for `create` / `update`: the file's JSON, or the flags' definition.
-fn connection_body(name: Option<&str>, flags: &ConnectionFlags) -> anyhow::Result<Value> {
+fn connection_body(
+    name: Option<&str>,
+    update: bool,
+    flags: &ConnectionFlags,
+) -> anyhow::Result<Value> {
     if let Some(path) = &flags.from_file {
         let text = if path == Path::new("-") {
             let mut s = String::new();
@@ -331,9 +655,14 @@ fn connection_body(name: Option<&str>, flags: &ConnectionFlags) -> anyhow::Resul
             .with_context(|| format!("{} is not valid JSON", path.display()));
     }
     let name = name.ok_or_else(|| anyhow!("--name is required (or use --from-file)"))?;
-    let password = flags.read_password(&mut std::io::stdin().lock())?;
-    let definition = flags.to_definition(name, password)?;
-    body_from_flags(&definition, flags.password_given())
+    let env = |var: &str| std::env::var(var).ok();
+    let stdin = std::io::stdin();
+    let mut stdin = stdin.lock();
+    let mut sources = Sources {
+        stdin: &mut stdin,
+        env: &env,
+    };
+    flags.to_body(name, update, &mut sources)
 }
 
 // ---- HTTP ----
@@ -726,10 +1055,10 @@ pub async fn run_connections(args: &ClientArgs, cmd: ConnectionsCommand) -> anyh
     // Flags are checked before any network traffic.
     let body = match &cmd {
         ConnectionsCommand::Create { name, definition } => {
-            Some(connection_body(name.as_deref(), definition)?)
+            Some(connection_body(name.as_deref(), false, definition)?)
         }
         ConnectionsCommand::Update { name, definition } => {
-            Some(connection_body(Some(name), definition)?)
+            Some(connection_body(Some(name), true, definition)?)
         }
         _ => None,
     };
@@ -832,129 +1161,319 @@ mod tests {
 
     fn flags_of(cmd: ConnectionsCommand) -> (Option<String>, ConnectionFlags) {
         match cmd {
-            ConnectionsCommand::Create { name, definition } => (name, definition),
-            ConnectionsCommand::Update { name, definition } => (Some(name), definition),
+            ConnectionsCommand::Create { name, definition } => (name, *definition),
+            ConnectionsCommand::Update { name, definition } => (Some(name), *definition),
             other => panic!("{other:?}"),
         }
     }
 
+    /// Sources with no stdin and an environment of `vars`.
+    fn body_with(args: &[&str], vars: &[(&str, &str)], stdin: &[u8]) -> anyhow::Result<Value> {
+        let cmd = parse(args).map_err(|e| anyhow!("{e}"))?;
+        let update = matches!(cmd, ConnectionsCommand::Update { .. });
+        let (name, flags) = flags_of(cmd);
+        let env = |var: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| v.to_string())
+        };
+        let mut stdin = stdin;
+        let mut sources = Sources {
+            stdin: &mut stdin,
+            env: &env,
+        };
+        flags.to_body(&name.unwrap(), update, &mut sources)
+    }
+
+    fn body_of(args: &[&str]) -> anyhow::Result<Value> {
+        body_with(args, &[], b"")
+    }
+
+    fn create(rest: &[&str]) -> Vec<&'static str> {
+        let mut args = vec!["create", "--name", "c", "--base-url", "https://app.example"];
+        // The tests only pass literals.
+        args.extend(
+            rest.iter()
+                .map(|s| &*Box::leak(s.to_string().into_boxed_str())),
+        );
+        args
+    }
+
     #[test]
     fn flags_make_a_definition() {
-        let (name, flags) = flags_of(
-            parse(&[
-                "create",
-                "--name",
-                "jira",
-                "--base-url",
-                "https://jira.corp.example:8443",
-                "--username",
-                "svc",
-                "--password",
-                "pw",
-                "--private",
-                "--agent-group",
-                "dc1",
-                "--test-path",
-                "/rest/api/2/myself",
-                "--test-method",
-                "HEAD",
-            ])
-            .unwrap(),
-        );
-        let password = flags.read_password(&mut &b""[..]).unwrap();
-        let definition = flags.to_definition(&name.unwrap(), password).unwrap();
+        let body = body_of(&[
+            "create",
+            "--name",
+            "jira",
+            "--base-url",
+            "https://jira.corp.example:8443",
+            "--username",
+            "svc",
+            "--password",
+            "pw",
+            "--private",
+            "--agent-group",
+            "dc1",
+            "--test-path",
+            "/rest/api/2/myself",
+            "--test-method",
+            "HEAD",
+        ])
+        .unwrap();
         assert_eq!(
-            definition,
-            ConnectionDefinition {
-                name: "jira".into(),
-                base_url: "https://jira.corp.example:8443".parse().unwrap(),
-                auth: Auth::Basic {
-                    username: "svc".into(),
-                    password: Secret::new("pw"),
-                },
-                tls: TlsSettings::default(),
-                network: Network {
-                    private: true,
-                    agent_group: Some("dc1".into()),
-                },
-                test_request: TestRequest {
-                    method: "HEAD".into(),
-                    path: "/rest/api/2/myself".into(),
-                },
-                response_timeout_ms: 60_000,
-            }
+            body,
+            json!({
+                "name": "jira",
+                "base_url": "https://jira.corp.example:8443",
+                "auth": {"type": "basic", "username": "svc", "password": "pw"},
+                "network": {"private": true, "agent_group": "dc1"},
+                "test_request": {"method": "HEAD", "path": "/rest/api/2/myself"},
+                "response_timeout_ms": 60000
+            })
         );
-        let body = body_from_flags(&definition, flags.password_given()).unwrap();
-        assert_eq!(body["auth"]["password"], "pw");
+        // The API takes it as it is.
+        let definition: ConnectionDefinition = serde_json::from_value(body).unwrap();
+        definition.validate().unwrap();
     }
 
     #[test]
     fn minimal_flags_use_defaults() {
-        let (name, flags) =
-            flags_of(parse(&["create", "--name", "x", "--base-url", "http://a"]).unwrap());
-        let definition = flags.to_definition(&name.unwrap(), None).unwrap();
-        assert_eq!(definition.auth, Auth::None);
-        assert_eq!(definition.network, Network::default());
-        assert_eq!(definition.test_request, TestRequest::default());
-        assert_eq!(definition.response_timeout_ms, 60_000);
+        let body = body_of(&["create", "--name", "x", "--base-url", "http://a"]).unwrap();
+        assert_eq!(body["auth"], json!({"type": "none"}));
+        assert_eq!(body["network"], json!({"private": false}));
+        assert_eq!(body["test_request"], json!({"method": "GET", "path": "/"}));
+        assert_eq!(body["response_timeout_ms"], 60000);
+        assert!(body.get("tls").is_none());
     }
 
     #[test]
-    fn update_without_password_leaves_it_out() {
-        let (name, flags) = flags_of(
-            parse(&[
+    fn header_flags() {
+        let vars = [("TOKEN_VAR", "from-env-secret")];
+        let body = body_with(
+            &create(&[
+                "--auth",
+                "header",
+                "--header",
+                "Authorization: Bearer abc def",
+                "--header",
+                "X-Empty:",
+                "--header-env",
+                "X-Api-Key=TOKEN_VAR",
+                "--public-header",
+                "X-Tenant:\tacme ",
+            ]),
+            &vars,
+            b"",
+        )
+        .unwrap();
+        assert_eq!(
+            body["auth"],
+            json!({"type": "header", "headers": [
+                {"name": "Authorization", "value": "Bearer abc def", "secret": true},
+                {"name": "X-Empty", "value": "", "secret": true},
+                {"name": "X-Api-Key", "value": "from-env-secret", "secret": true},
+                {"name": "X-Tenant", "value": "acme", "secret": false},
+            ]})
+        );
+        // --auth is inferred from the header flags.
+        let inferred = body_of(&create(&["--header", "X-Api-Key: k"])).unwrap();
+        assert_eq!(inferred["auth"]["type"], "header");
+    }
+
+    #[test]
+    fn query_flags() {
+        let vars = [("SIG", "s=ig/+")];
+        let body = body_with(
+            &create(&["--param", "api_key=a=b c", "--param-env", "sig=SIG"]),
+            &vars,
+            b"",
+        )
+        .unwrap();
+        assert_eq!(
+            body["auth"],
+            json!({"type": "query", "params": {"api_key": "a=b c", "sig": "s=ig/+"}})
+        );
+    }
+
+    #[test]
+    fn custom_flags_combine() {
+        let body = body_with(
+            &create(&[
+                "--username",
+                "svc",
+                "--password-stdin",
+                "--header",
+                "X-Api-Key: k",
+                "--param",
+                "tenant=acme",
+            ]),
+            &[],
+            b"stdin-pw\n",
+        )
+        .unwrap();
+        assert_eq!(
+            body["auth"],
+            json!({
+                "type": "custom", "username": "svc", "password": "stdin-pw",
+                "headers": [{"name": "X-Api-Key", "value": "k", "secret": true}],
+                "params": {"tenant": "acme"}
+            })
+        );
+        let explicit = body_with(
+            &create(&["--auth", "custom", "--header", "X-Api-Key: k"]),
+            &[],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(explicit["auth"]["type"], "custom");
+        assert!(explicit["auth"].get("username").is_none());
+    }
+
+    #[test]
+    fn profile_flags() {
+        let body = body_of(&create(&[
+            "--profile",
+            "jira",
+            "--private",
+            "--agent-group",
+            "dc1",
+        ]))
+        .unwrap();
+        assert_eq!(body["auth"], json!({"type": "profile", "name": "jira"}));
+        // A profile is resolved by an agent: private connections only (checked locally).
+        let e = body_of(&create(&["--auth", "profile", "--profile", "jira"])).unwrap_err();
+        assert!(e.to_string().contains("--auth"), "{e}");
+        let e = body_of(&create(&["--auth", "profile"])).unwrap_err();
+        assert!(e.to_string().contains("--profile"), "{e}");
+    }
+
+    #[test]
+    fn tls_flags_read_files() {
+        let dir = std::env::temp_dir().join(format!("airlock-cli-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file, ca_file) =
+            (dir.join("c.pem"), dir.join("k.pem"), dir.join("ca.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        std::fs::write(&ca_file, cert.pem()).unwrap();
+        let path = |p: &Path| p.display().to_string();
+        let body = body_of(&create(&[
+            "--client-cert",
+            &path(&cert_file),
+            "--client-key",
+            &path(&key_file),
+            "--ca-cert",
+            &path(&ca_file),
+            "--insecure-skip-verify",
+        ]))
+        .unwrap();
+        assert_eq!(
+            body["tls"],
+            json!({
+                "client_certificate": cert.pem(),
+                "client_key": key.serialize_pem(),
+                "ca_certificate": cert.pem(),
+                "insecure_skip_verify": true
+            })
+        );
+        // A key that does not match the certificate: named by flag, never quoted.
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&key_file, other.serialize_pem()).unwrap();
+        let e = body_err(&[
+            "--client-cert",
+            &path(&cert_file),
+            "--client-key",
+            &path(&key_file),
+        ]);
+        assert!(e.starts_with("--client-key: "), "{e}");
+        assert!(!e.contains("PRIVATE KEY"), "{e}");
+        // An unreadable file: named.
+        let e = body_err(&["--ca-cert", &path(&dir.join("missing.pem"))]);
+        assert!(e.contains("--ca-cert") && e.contains("missing.pem"), "{e}");
+        // --client-cert needs --client-key (clap).
+        assert!(parse(&create(&["--client-cert", "c.pem"])).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn body_err(rest: &[&str]) -> String {
+        body_of(&create(rest)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn update_leaves_omitted_secrets_out() {
+        let body = body_of(&[
+            "update",
+            "jira",
+            "--base-url",
+            "https://jira.example",
+            "--auth",
+            "basic",
+            "--username",
+            "svc",
+        ])
+        .unwrap();
+        assert_eq!(body["auth"], json!({"type": "basic", "username": "svc"}));
+        // An update is validated by the relay, which knows the stored client key.
+        let body = body_with(
+            &[
                 "update",
                 "jira",
                 "--base-url",
                 "https://jira.example",
-                "--auth",
-                "basic",
-                "--username",
-                "svc",
-            ])
-            .unwrap(),
-        );
-        assert_eq!(name.as_deref(), Some("jira"));
-        assert!(!flags.password_given());
-        let definition = flags.to_definition("jira", None).unwrap();
-        let body = body_from_flags(&definition, false).unwrap();
-        assert_eq!(body["auth"], json!({"type": "basic", "username": "svc"}));
+                "--client-cert",
+                "/dev/null",
+                "--client-key",
+                "/dev/null",
+            ],
+            &[],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(body["tls"]["client_key"], "");
     }
 
     #[test]
     fn password_from_stdin_strips_the_line_end() {
-        let (_, flags) = flags_of(
-            parse(&[
-                "create",
-                "--name",
-                "x",
-                "--base-url",
-                "http://a",
-                "--username",
-                "u",
-                "--password-stdin",
-            ])
-            .unwrap(),
-        );
-        let password = flags
-            .read_password(&mut &b"s3cret\r\nignored\n"[..])
-            .unwrap()
-            .unwrap();
-        assert_eq!(password.expose(), "s3cret");
-        // An unset variable is reported by name only.
-        let flags = ConnectionFlags {
-            password_env: Some("AIRLOCK_TEST_SURELY_UNSET_VARIABLE".into()),
-            ..ConnectionFlags::default()
-        };
-        let err = flags.read_password(&mut &b""[..]).unwrap_err();
-        assert!(err
-            .to_string()
-            .contains("AIRLOCK_TEST_SURELY_UNSET_VARIABLE"));
+        let body = body_with(
+            &create(&["--username", "u", "--password-stdin"]),
+            &[],
+            b"s3cret\r\nignored\n",
+        )
+        .unwrap();
+        assert_eq!(body["auth"]["password"], "s3cret");
+        let body = body_with(
+            &create(&["--username", "u", "--password-env", "PW"]),
+            &[("PW", "from-env")],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(body["auth"]["password"], "from-env");
     }
 
     #[test]
-    fn bad_flags_name_the_flag() {
-        let cases: [(&[&str], &str); 5] = [
+    fn unset_variables_are_named_not_valued() {
+        for (flag, value) in [
+            ("--password-env", "AIRLOCK_TEST_UNSET"),
+            ("--header-env", "X-Key=AIRLOCK_TEST_UNSET"),
+            ("--param-env", "key=AIRLOCK_TEST_UNSET"),
+        ] {
+            let mut rest = vec![flag, value];
+            if flag == "--password-env" {
+                rest.extend(["--username", "u"]);
+            }
+            let e = body_err(&rest);
+            assert!(e.contains(flag) && e.contains("AIRLOCK_TEST_UNSET"), "{e}");
+        }
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag_and_never_the_secret() {
+        let cases: &[(&[&str], &str)] = &[
             (
                 &["create", "--name", "a b", "--base-url", "http://a"],
                 "--name",
@@ -991,31 +1510,130 @@ mod tests {
                 ],
                 "--test-path",
             ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--header",
+                    "hunter2",
+                ],
+                "--header #1",
+            ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--header",
+                    "Bad Name: hunter2",
+                ],
+                "--header Bad Name",
+            ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--header",
+                    "X-K: hunter2\r\nX-I: 1",
+                ],
+                "--header X-K",
+            ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--param",
+                    "hunter2",
+                ],
+                "--param #1",
+            ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--auth",
+                    "header",
+                ],
+                "--auth header",
+            ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--auth",
+                    "query",
+                    "--header",
+                    "X: hunter2",
+                ],
+                "--auth query",
+            ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--auth",
+                    "none",
+                    "--password",
+                    "hunter2",
+                ],
+                "--auth none",
+            ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--auth",
+                    "basic",
+                    "--username",
+                    "u",
+                    "--param",
+                    "k=hunter2",
+                ],
+                "--auth basic",
+            ),
+            (
+                &[
+                    "create",
+                    "--name",
+                    "a",
+                    "--base-url",
+                    "http://a",
+                    "--auth",
+                    "custom",
+                    "--password",
+                    "hunter2",
+                ],
+                "--password",
+            ),
         ];
         for (args, flag) in cases {
-            let (name, flags) = flags_of(parse(args).unwrap());
-            let err = flags
-                .to_definition(&name.unwrap(), None)
-                .unwrap_err()
-                .to_string();
+            let err = body_of(args).unwrap_err().to_string();
             assert!(err.contains(flag), "{args:?}: {err}");
+            assert!(!err.contains("hunter2"), "{args:?}: {err}");
         }
-        let (name, flags) = flags_of(
-            parse(&[
-                "create",
-                "--name",
-                "a",
-                "--base-url",
-                "http://a",
-                "--auth",
-                "none",
-                "--password",
-                "p",
-            ])
-            .unwrap(),
-        );
-        let password = flags.read_password(&mut &b""[..]).unwrap();
-        assert!(flags.to_definition(&name.unwrap(), password).is_err());
     }
 
     #[test]
@@ -1091,12 +1709,19 @@ mod tests {
                 "u",
                 "--password",
                 "hunter2",
+                "--header",
+                "X-Key: hunter4",
+                "--param",
+                "k=hunter5",
                 "--token",
                 "alk_admin_hunter3",
             ])
             .unwrap(),
         );
-        assert!(!format!("{flags:?}").contains("hunter2"));
+        let debug = format!("{flags:?}");
+        for secret in ["hunter2", "hunter4", "hunter5"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
         let cli =
             TestCli::try_parse_from(["airlock-relay", "--token", "alk_admin_hunter3", "list"])
                 .unwrap();

@@ -25,6 +25,8 @@ const BAD_JSON_SECRET: &str = "badjson-0f4c2a-romeo";
 const CRLF_SECRET: &str = "crlf-88d1b3-quebec";
 const TYPE_SECRET: &str = "wrongtype-5e9b21-oscar";
 const CLI_PW: &str = "cliPW-1a7c3d-november";
+const CLI_HEADER: &str = "cliHDR-4f0e6b-mike";
+const CLI_QUERY: &str = "cliQRY-93c2d8-lima";
 
 /// The public (non-secret) parts of credentials the tests use.
 const USER: &str = "u";
@@ -47,6 +49,8 @@ fn needles() -> Vec<(String, String)> {
         CRLF_SECRET,
         TYPE_SECRET,
         CLI_PW,
+        CLI_HEADER,
+        CLI_QUERY,
     ]
     .iter()
     .map(|s| (s.to_string(), s.to_string()))
@@ -502,6 +506,31 @@ async fn secrets_appear_nowhere_but_keep_working() {
         header(&e, "Authorization"),
         format!("Basic {}", base64(format!("{USER}:{CLI_PW}").as_bytes()))
     );
+    // Header and query values from the environment: --auth custom is inferred.
+    let cli = run_cli(
+        &relay,
+        &[
+            "connections",
+            "create",
+            "--name",
+            "cli-custom",
+            "--base-url",
+            &httpbin.url,
+            "--header-env",
+            "X-Cli=AIRLOCK_TEST_CLI_HEADER",
+            "--param-env",
+            "cli_key=AIRLOCK_TEST_CLI_QUERY",
+            "--private",
+            "--agent-group",
+            "dc1",
+        ],
+    )
+    .await;
+    assert!(cli.status.success(), "{cli:?}");
+    assert_no_secret("the CLI's output", &[cli.stdout, cli.stderr].concat());
+    let e = echo(&relay, "cli-custom").await;
+    assert_eq!(header(&e, "X-Cli"), CLI_HEADER);
+    assert_eq!(e["args"]["cli_key"], CLI_QUERY, "{e}");
     let cli = run_cli(&relay, &["connections", "get", "cli-basic"]).await;
     assert!(cli.status.success(), "{cli:?}");
     assert_no_secret("the CLI's output", &[cli.stdout, cli.stderr].concat());
@@ -603,6 +632,8 @@ async fn run_cli(relay: &Relay, args: &[&str]) -> std::process::Output {
         .env("AIRLOCK_TOKEN", &relay.admin_token)
         .env("AIRLOCK_CA_FILE", &relay.ca_file)
         .env("AIRLOCK_TEST_CLI_PASSWORD", CLI_PW)
+        .env("AIRLOCK_TEST_CLI_HEADER", CLI_HEADER)
+        .env("AIRLOCK_TEST_CLI_QUERY", CLI_QUERY)
         .env("RUST_LOG", "debug")
         .env_remove("HTTPS_PROXY")
         .env_remove("https_proxy")
