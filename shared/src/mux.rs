@@ -550,7 +550,8 @@ impl Mux {
     /// Closes the connection with a WebSocket close code (RFC 6455 §7.4.1: 1000 normal, 1001
     /// going away, 1008 policy violation) and reason. Open streams fail with `ConnectionLost`.
     pub fn close(&self, code: u16, reason: &str) {
-        let _ = self.shared.ctrl.send(Out::Close(code, reason.to_string()));
+        // Ordered: frames queued before the close (a stream's last Data and End) still leave.
+        let _ = self.shared.out.send(Out::Close(code, reason.to_string()));
     }
 }
 

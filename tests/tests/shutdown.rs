@@ -77,8 +77,20 @@ async fn relay_shutdown_lets_in_flight_bodies_finish() {
     assert!(status.success(), "relay exit status {status}");
 }
 
+type RawWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// A raw agent speaking the handshake by hand over the relay's real TLS WebSocket.
 async fn hello(relay: &Relay, token: &str, versions: Vec<u16>) -> Result<Frame, String> {
+    let (_ws, frame) = raw_agent(relay, token, versions).await?;
+    Ok(frame)
+}
+
+async fn raw_agent(
+    relay: &Relay,
+    token: &str,
+    versions: Vec<u16>,
+) -> Result<(RawWs, Frame), String> {
     let pem = std::fs::read(&relay.ca_file).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -116,9 +128,56 @@ async fn hello(relay: &Relay, token: &str, versions: Vec<u16>) -> Result<Frame, 
     )
     .await
     .unwrap();
-    mux::recv_frame(&mut ws, Duration::from_secs(5))
+    let frame = mux::recv_frame(&mut ws, Duration::from_secs(5))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok((ws, frame))
+}
+
+/// Reads until the relay's close frame; returns its code.
+async fn close_code(ws: &mut RawWs) -> Option<u16> {
+    use tokio_tungstenite::tungstenite::Message;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        match msg {
+            Ok(Message::Close(c)) => return c.map(|c| u16::from(c.code)),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn bad_frames_close_the_tunnel_with_a_reason() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (_upstream, relay, _agent, token) = setup().await;
+    // Malformed frame: 1002.
+    let (mut ws, _) = raw_agent(&relay, &token, vec![1]).await.unwrap();
+    ws.send(Message::Binary(bytes::Bytes::from_static(&[0x7f, 0x01])))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1002));
+    // Text message: 1002.
+    let (mut ws, _) = raw_agent(&relay, &token, vec![1]).await.unwrap();
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1002));
+    // Larger than the negotiated maximum frame size (1 MiB): 1009, never an allocation.
+    let (mut ws, _) = raw_agent(&relay, &token, vec![1]).await.unwrap();
+    let _ = ws
+        .send(Message::Binary(bytes::Bytes::from(vec![
+            0u8;
+            2 * 1024 * 1024
+        ])))
+        .await;
+    assert_eq!(close_code(&mut ws).await, Some(1009));
+    // The relay is still serving its real agent.
+    let resp = relay
+        .proxy(Method::GET, "up", "bytes/10?seed=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }
 
 #[tokio::test]
