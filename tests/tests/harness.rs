@@ -20,7 +20,7 @@ fn binaries_are_built_for_integration_tests() {
         assert!(std::path::Path::new(path).is_file(), "{path} missing");
     }
     assert_eq!(
-        airlock_tests::binary("airlock-relay").unwrap(),
+        airlock_tests::binary("e2e-relay").unwrap(),
         env!("CARGO_BIN_EXE_e2e-relay")
     );
 }
