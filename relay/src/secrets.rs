@@ -525,6 +525,45 @@ mod tests {
     }
 
     #[test]
+    fn every_auth_type_and_the_client_key_are_sealed() {
+        let c = cipher();
+        let d: ConnectionDefinition = serde_json::from_value(json!({
+            "name": "all",
+            "base_url": "https://app.example",
+            "auth": {
+                "type": "custom", "username": "u", "password": "s-password",
+                "headers": [
+                    {"name": "X-Key", "value": "s-header"},
+                    {"name": "X-Tenant", "value": "visible-tenant", "secret": false},
+                ],
+                "params": {"a/b~c": "s-param"},
+            },
+            "tls": {"client_certificate": "CERT-PEM", "client_key": "s-client-key"},
+        }))
+        .unwrap();
+        let mut stored = c.seal_definition(&d).unwrap();
+        let text = stored.to_string();
+        assert!(!text.contains("s-"), "{text}");
+        for pointer in [
+            "/auth/password",
+            "/auth/headers/0/value",
+            "/auth/params/a~1b~0c",
+            "/tls/client_key",
+        ] {
+            let sealed = stored.pointer(pointer).unwrap();
+            assert!(sealed_text(sealed).is_some(), "{pointer}: {sealed}");
+        }
+        // Values that are not secret stay readable.
+        assert_eq!(stored["auth"]["headers"][1]["value"], "visible-tenant");
+        assert_eq!(stored["tls"]["client_certificate"], "CERT-PEM");
+        assert_eq!(c.open_value("all", &mut stored).unwrap(), 4);
+        assert_eq!(
+            serde_json::from_value::<ConnectionDefinition>(stored).unwrap(),
+            d
+        );
+    }
+
+    #[test]
     fn sealed_values_cannot_be_swapped_between_connections() {
         let c = cipher();
         let a = c.seal_definition(&definition("a")).unwrap();
