@@ -25,18 +25,6 @@ use tokio_util::sync::CancellationToken;
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
-async fn signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-}
-
 async fn metrics(State(status): State<Arc<tunnel::AgentStatus>>) -> String {
     format!(
         "# HELP airlock_agent_connected 1 while the tunnel to the relay is up.\n\
@@ -112,12 +100,9 @@ pub fn main() -> ExitCode {
             }
         }
         let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            signal().await;
+        airlock_shared::runtime::spawn_signal_handler(move || {
             tracing::info!("signal received; draining");
             trigger.cancel();
-            signal().await;
-            std::process::exit(130);
         });
         match tunnel::run(config, status, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -253,6 +253,47 @@ struct Shared {
     peer_away: AtomicBool,
 }
 
+/// Registers stream `id` and returns its two halves. Called under the state lock.
+trait InsertStream {
+    fn insert_stream(&self, st: &mut State, id: StreamId) -> (SendStream, RecvStream);
+}
+
+impl InsertStream for Arc<Shared> {
+    fn insert_stream(&self, st: &mut State, id: StreamId) -> (SendStream, RecvStream) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(Semaphore::new(self.config.initial_window as usize));
+        let (cancelled, cancelled_rx) = watch::channel(false);
+        st.streams.insert(
+            id.0,
+            Entry {
+                inbound: Some(tx),
+                send_credit: credit.clone(),
+                recv_remaining: i64::from(self.config.initial_window),
+                local_done: false,
+                remote_done: false,
+                cancelled,
+            },
+        );
+        self.update_active(st);
+        (
+            SendStream {
+                id,
+                shared: self.clone(),
+                credit,
+                cancelled: cancelled_rx,
+                done: false,
+            },
+            RecvStream {
+                id,
+                shared: self.clone(),
+                rx,
+                unreturned: 0,
+                finished: false,
+            },
+        )
+    }
+}
+
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug in this module; the state stays
@@ -422,7 +463,7 @@ impl Mux {
         spec: Bytes,
     ) -> Result<(SendStream, RecvStream), MuxError> {
         let shared = &self.shared;
-        let (id, credit, cancelled, rx) = {
+        let halves = {
             let mut st = shared.lock();
             if st.closed {
                 return Err(MuxError::Closed);
@@ -440,55 +481,16 @@ impl Mux {
                 return Err(MuxError::StreamIdsExhausted);
             }
             st.next_local_id += 2;
-            let (tx, rx) = mpsc::unbounded_channel();
-            let credit = Arc::new(Semaphore::new(shared.config.initial_window as usize));
-            let (cancelled, _) = watch::channel(false);
-            st.streams.insert(
-                id,
-                Entry {
-                    inbound: Some(tx),
-                    send_credit: credit.clone(),
-                    recv_remaining: i64::from(shared.config.initial_window),
-                    local_done: false,
-                    remote_done: false,
-                    cancelled: cancelled.clone(),
-                },
-            );
-            shared.update_active(&st);
+            let halves = shared.insert_stream(&mut st, StreamId(id));
             // Sent under the lock so Open frames leave in id order.
             shared.send_ordered(Frame::Open(Open {
                 stream: StreamId(id),
                 head,
                 spec,
             }))?;
-            (id, credit, cancelled, rx)
+            halves
         };
-        Ok(self.halves(StreamId(id), credit, cancelled, rx))
-    }
-
-    fn halves(
-        &self,
-        id: StreamId,
-        credit: Arc<Semaphore>,
-        cancelled: watch::Sender<bool>,
-        rx: mpsc::UnboundedReceiver<Inbound>,
-    ) -> (SendStream, RecvStream) {
-        (
-            SendStream {
-                id,
-                shared: self.shared.clone(),
-                credit,
-                cancelled: cancelled.subscribe(),
-                done: false,
-            },
-            RecvStream {
-                id,
-                shared: self.shared.clone(),
-                rx,
-                unreturned: 0,
-                finished: false,
-            },
-        )
+        Ok(halves)
     }
 
     /// Streams currently open on this connection.
@@ -1224,36 +1226,8 @@ fn dispatch(
                 refuse("too many concurrent streams");
                 return Ok(());
             }
-            let (tx, rx) = mpsc::unbounded_channel();
-            let credit = Arc::new(Semaphore::new(shared.config.initial_window as usize));
-            let (cancelled, _) = watch::channel(false);
-            st.streams.insert(
-                id,
-                Entry {
-                    inbound: Some(tx),
-                    send_credit: credit.clone(),
-                    recv_remaining: i64::from(shared.config.initial_window),
-                    local_done: false,
-                    remote_done: false,
-                    cancelled: cancelled.clone(),
-                },
-            );
-            shared.update_active(&st);
+            let (send, recv) = shared.insert_stream(&mut st, open.stream);
             drop(st);
-            let send = SendStream {
-                id: open.stream,
-                shared: shared.clone(),
-                credit,
-                cancelled: cancelled.subscribe(),
-                done: false,
-            };
-            let recv = RecvStream {
-                id: open.stream,
-                shared: shared.clone(),
-                rx,
-                unreturned: 0,
-                finished: false,
-            };
             let incoming = IncomingStream {
                 id: open.stream,
                 head: open.head,

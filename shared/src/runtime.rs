@@ -30,3 +30,27 @@ pub fn build() -> std::io::Result<tokio::runtime::Runtime> {
             .build(),
     }
 }
+
+/// Resolves at the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// Spawns the signal handler: the first SIGINT/SIGTERM calls `on_first` (start draining), a
+/// second one exits at once with status 130.
+pub fn spawn_signal_handler(on_first: impl FnOnce() + Send + 'static) {
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_first();
+        shutdown_signal().await;
+        std::process::exit(130);
+    });
+}
