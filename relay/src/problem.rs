@@ -26,6 +26,9 @@ pub struct Problem {
     /// The request field at fault, for validation problems.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// The agent that ran (or tried) the request, for failures of a private connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<crate::proxy::ExecutedBy>,
 }
 
 impl Problem {
@@ -37,7 +40,14 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             field: None,
+            agent: None,
         }
+    }
+
+    /// Names the agent that ran the failed request.
+    pub fn with_agent(mut self, agent: crate::proxy::ExecutedBy) -> Self {
+        self.agent = Some(agent);
+        self
     }
 
     /// Names the request field at fault.

@@ -170,52 +170,60 @@ pub async fn execute(
             });
         }
     }
-    let wait = Duration::from_millis(def.response_timeout_ms) + AGENT_GRACE;
-    let first = match tokio::time::timeout(wait, recv.recv()).await {
-        Err(_) => {
-            return Err(Problem::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!("no response from the agent within {} ms", wait.as_millis()),
-            ))
+    let by = ExecutedBy::of(&session);
+    let answered = async move {
+        let wait = Duration::from_millis(def.response_timeout_ms) + AGENT_GRACE;
+        let first = match tokio::time::timeout(wait, recv.recv()).await {
+            Err(_) => {
+                return Err(Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("no response from the agent within {} ms", wait.as_millis()),
+                ))
+            }
+            Ok(first) => first,
+        };
+        match first {
+            Some(Inbound::Response(r)) => {
+                let status = StatusCode::from_u16(r.status).map_err(|_| {
+                    Problem::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_protocol",
+                        format!("invalid status code {}", r.status),
+                    )
+                })?;
+                let (headers, _) = exec::from_fields(&r.headers);
+                let body = match r.body {
+                    BodyKind::Empty => Body::empty(),
+                    BodyKind::Length(n) => {
+                        Body::new(LengthChecked::new(TunnelBody { recv }, Some(n)))
+                    }
+                    BodyKind::Streamed => Body::new(LengthChecked::new(TunnelBody { recv }, None)),
+                };
+                Ok(Executed {
+                    status,
+                    headers,
+                    body,
+                    agent: Some(ExecutedBy::of(&session)),
+                })
+            }
+            Some(Inbound::Reset { code, message }) => Err(problem_of(code, &message)),
+            Some(other) => {
+                warn!(?other, "agent answered out of order");
+                Err(problem_of(
+                    ResetCode::ProtocolError,
+                    "agent answered out of order",
+                ))
+            }
+            None => Err(problem_of(
+                ResetCode::ConnectionLost,
+                "tunnel connection lost",
+            )),
         }
-        Ok(first) => first,
-    };
-    match first {
-        Some(Inbound::Response(r)) => {
-            let status = StatusCode::from_u16(r.status).map_err(|_| {
-                Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_protocol",
-                    format!("invalid status code {}", r.status),
-                )
-            })?;
-            let (headers, _) = exec::from_fields(&r.headers);
-            let body = match r.body {
-                BodyKind::Empty => Body::empty(),
-                BodyKind::Length(n) => Body::new(LengthChecked::new(TunnelBody { recv }, Some(n))),
-                BodyKind::Streamed => Body::new(LengthChecked::new(TunnelBody { recv }, None)),
-            };
-            Ok(Executed {
-                status,
-                headers,
-                body,
-                agent: Some(ExecutedBy::of(&session)),
-            })
-        }
-        Some(Inbound::Reset { code, message }) => Err(problem_of(code, &message)),
-        Some(other) => {
-            warn!(?other, "agent answered out of order");
-            Err(problem_of(
-                ResetCode::ProtocolError,
-                "agent answered out of order",
-            ))
-        }
-        None => Err(problem_of(
-            ResetCode::ConnectionLost,
-            "tunnel connection lost",
-        )),
     }
+    .await;
+    // A failure still says which agent ran (or tried) the request.
+    answered.map_err(|p| p.with_agent(by))
 }
 
 async fn execute_public(
@@ -445,7 +453,11 @@ pub async fn run_test(state: &AppState, conn: &CachedConnection) -> TestReport {
     let started = Instant::now();
     let result = execute(state, conn, head, None).await;
     let (status, agent, error) = match result {
-        Err(p) => (None, None, Some((p.slug().to_string(), p.detail.clone()))),
+        Err(p) => (
+            None,
+            p.agent.clone(),
+            Some((p.slug().to_string(), p.detail.clone())),
+        ),
         Ok(executed) => {
             let status = executed.status;
             // Read (a bounded part of) the body, so latency covers the whole response.

@@ -414,6 +414,8 @@ async fn agent_profiles_supply_credentials_the_relay_never_sees() {
         format!("unknown profile 'nope' on agent {hostname}"),
         "{report}"
     );
+    // Which agent refused it is part of the report.
+    assert_eq!(report["agent"]["name"], "a1", "{report}");
     let resp = s
         .relay
         .proxy(Method::GET, &name, "get")
