@@ -163,7 +163,7 @@ async fn session(
         request
             .headers_mut()
             .insert(http::header::AUTHORIZATION, value);
-        let ws_config = airlock_shared_ws_config();
+        let ws_config = mux::websocket_config(proto::MAX_FRAME_SIZE_LIMIT);
         let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
             request,
             Some(ws_config),
@@ -253,14 +253,6 @@ async fn session(
     SessionEnd::Ended {
         healthy: started.elapsed() >= config.backoff.healthy_after,
     }
-}
-
-fn airlock_shared_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    let max = proto::MAX_FRAME_SIZE_LIMIT;
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
-        .write_buffer_size(128 * 1024)
 }
 
 fn describe_connect_error(e: WsError) -> String {

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{info, warn, Instrument};
 
@@ -235,7 +235,7 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request) -> Re
         async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    let cfg = ws_config(state.tunnel.max_frame_size);
+                    let cfg = mux::websocket_config(state.tunnel.max_frame_size as usize);
                     let ws = WebSocketStream::from_raw_socket(
                         TokioIo::new(upgraded),
                         WsRole::Server,
@@ -258,15 +258,6 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request) -> Re
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
-}
-
-/// WebSocket limits for a tunnel: messages and frames up to `max_frame_size` bytes (larger is
-/// close 1009), and writes batched up to 128 KiB.
-pub fn ws_config(max_frame_size: u32) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(max_frame_size as usize))
-        .max_frame_size(Some(max_frame_size as usize))
-        .write_buffer_size(128 * 1024)
 }
 
 async fn serve_session<S>(state: Arc<AppState>, agent: AgentRecord, mut ws: S)

@@ -823,6 +823,23 @@ impl Drop for RecvStream {
     }
 }
 
+/// WebSocket settings for a tunnel: messages and frames up to `max_frame_size` bytes (larger is
+/// close 1009, never an allocation), writes batched up to 128 KiB, and a 16 KiB read buffer.
+///
+/// The read buffer is small on purpose: tungstenite zero-fills its spare read capacity before
+/// every read, and `Data` payloads are zero-copy slices of that buffer that keep it alive, so a
+/// large buffer costs a large allocation and memset per message. Frames larger than the buffer
+/// still arrive in one read once their header announced their length.
+pub fn websocket_config(
+    max_frame_size: usize,
+) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(max_frame_size))
+        .max_frame_size(Some(max_frame_size))
+        .write_buffer_size(128 * 1024)
+        .read_buffer_size(16 * 1024)
+}
+
 /// Sends a frame during the handshake (before a [`Mux`] exists).
 ///
 /// # Errors
