@@ -50,26 +50,10 @@ fn init_tracing(json: bool) {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-async fn signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-}
-
 /// The `airlock-relay` program.
 pub fn main() -> ExitCode {
     let cli = config::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match airlock_shared::runtime::build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -96,13 +80,9 @@ pub fn main() -> ExitCode {
                 };
                 let shutdown = CancellationToken::new();
                 let trigger = shutdown.clone();
-                tokio::spawn(async move {
-                    signal().await;
+                airlock_shared::runtime::spawn_signal_handler(move || {
                     tracing::info!("signal received; shutting down");
                     trigger.cancel();
-                    // A second signal stops at once.
-                    signal().await;
-                    std::process::exit(130);
                 });
                 match server::run(config, listener, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,

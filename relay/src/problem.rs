@@ -28,7 +28,7 @@ pub struct Problem {
     pub field: Option<String>,
     /// The agent that ran (or tried) the request, for failures of a private connection.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent: Option<crate::proxy::ExecutedBy>,
+    pub agent: Option<Box<crate::proxy::ExecutedBy>>,
 }
 
 impl Problem {
@@ -46,7 +46,7 @@ impl Problem {
 
     /// Names the agent that ran the failed request.
     pub fn with_agent(mut self, agent: crate::proxy::ExecutedBy) -> Self {
-        self.agent = Some(agent);
+        self.agent = Some(Box::new(agent));
         self
     }
 
