@@ -455,7 +455,7 @@ pub async fn run_test(state: &AppState, conn: &CachedConnection) -> TestReport {
     let (status, agent, error) = match result {
         Err(p) => (
             None,
-            p.agent.clone(),
+            p.agent.clone().map(|a| *a),
             Some((p.slug().to_string(), p.detail.clone())),
         ),
         Ok(executed) => {
