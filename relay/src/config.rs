@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "AIRLOCK_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Also serve clients (API and proxy) over plain HTTP on this address, e.g. a private
+    /// interface behind a TLS-terminating load balancer, while agents use the TLS listener.
+    #[arg(long, env = "AIRLOCK_PLAIN_LISTEN", value_name = "ADDR")]
+    pub plain_listen: Option<SocketAddr>,
     /// Serve plain HTTP (only behind a TLS-terminating load balancer).
     #[arg(long, env = "AIRLOCK_NO_TLS")]
     pub no_tls: bool,
@@ -207,6 +211,7 @@ impl TryFrom<&ServeArgs> for RelayConfig {
                 max_concurrent_streams: a.max_streams,
             },
             shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
+            plain_listen: a.plain_listen,
             master_key,
         })
     }

@@ -76,6 +76,8 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// The master key for connection secrets.
     pub master_key: MasterKeySource,
+    /// A second, plain-HTTP listener for clients behind a TLS-terminating proxy.
+    pub plain_listen: Option<SocketAddr>,
 }
 
 /// Name of the admin token file in the data directory.
@@ -211,6 +213,73 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// Accepts connections on `listener` until `shutdown`, serving `app` over HTTP/1.1 (with
+/// upgrades, for the agents' WebSocket), through TLS when `acceptor` is set. Every accepted
+/// socket sets TCP_NODELAY.
+async fn accept_loop(
+    listener: &TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    app: &Router,
+    graceful: &GracefulShutdown,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let builder = {
+                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                b.http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                b.http1_only()
+            };
+            let service = TowerToHyperService::new(app);
+            let result = match acceptor {
+                Some(acceptor) => {
+                    let tls =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(t)) => t,
+                            Ok(Err(e)) => {
+                                debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
 /// Runs the relay on `listener` until `shutdown` is cancelled, then drains: agents get GoAway,
 /// in-flight requests finish (up to `shutdown_grace`), tunnels close with 1001.
 ///
@@ -269,60 +338,24 @@ pub async fn run(
     info!(%addr, scheme, "relay ready");
 
     let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let app = app.clone();
-        let acceptor = acceptor.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let builder = {
-                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                b.http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT);
-                b.http1_only()
-            };
-            let service = TowerToHyperService::new(app);
-            let result = match acceptor {
-                Some(acceptor) => {
-                    let tls =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                            .await
-                        {
-                            Ok(Ok(t)) => t,
-                            Ok(Err(e)) => {
-                                debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+    let plain = match &config.plain_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--plain-listen {addr}"))?;
+            let a = l.local_addr()?;
+            println!("airlock-relay listening on http://{a}");
+            warn!(addr = %a, "also serving the API without TLS (--plain-listen): keep it on a private interface behind a TLS-terminating proxy");
+            Some(l)
+        }
+        None => None,
+    };
+    let main_loop = accept_loop(&listener, acceptor, &app, &graceful, &shutdown);
+    match &plain {
+        Some(l) => {
+            tokio::join!(main_loop, accept_loop(l, None, &app, &graceful, &shutdown));
+        }
+        None => main_loop.await,
     }
     info!("shutting down: draining agents and in-flight requests");
     state.shutdown.cancel();

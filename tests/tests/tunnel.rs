@@ -583,3 +583,51 @@ async fn bad_api_input_is_a_problem_and_stores_nothing() {
         .unwrap();
     assert_eq!(resp.status(), 401);
 }
+
+#[tokio::test]
+async fn clients_may_use_a_plain_listener_while_agents_use_tls() {
+    let upstream = Upstream::start().await.unwrap();
+    let port = airlock_tests::free_port();
+    let relay = Relay::start(RelayOptions {
+        args: vec!["--plain-listen".into(), format!("127.0.0.1:{port}")],
+        ..RelayOptions::default()
+    })
+    .await
+    .unwrap();
+    let (id, token) = relay.create_agent("a1", "dc1").await.unwrap();
+    let _agent = Agent::start(
+        &relay,
+        &token,
+        AgentOptions {
+            allow: vec![upstream.addr.to_string()],
+            ..AgentOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_agent_online(&relay, &id).await.unwrap();
+    relay
+        .create_connection(&private_connection(
+            "up",
+            &upstream.url,
+            json!({"type": "none"}),
+        ))
+        .await
+        .unwrap();
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!(
+            "http://127.0.0.1:{port}/v1/connections/up/proxy/bytes/2000?seed=4"
+        ))
+        .bearer_auth(&relay.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        sha256_hex(&resp.bytes().await.unwrap()),
+        pattern_sha256(2000, 4)
+    );
+}
