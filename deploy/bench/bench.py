@@ -3,14 +3,16 @@
 
 Paths to one upstream nginx, all on loopback:
   direct        client -> upstream
+  airlock       client -http-> relay (--dev-tls --plain-listen) <=wss= agent -> upstream (issue 4)
   airlock-tls   client -https-> relay (--dev-tls) <=wss= agent -> upstream
   airlock-ws    client -http-> relay (--no-tls) <=ws= agent -> upstream
   nginx-proxy   client -> nginx (proxy_pass, keepalive upstream pool) -> upstream
   rathole-tls   client -> rathole server <=TLS= rathole client -> upstream
   rathole-wss   client -> rathole server <=WebSocket over TLS= rathole client -> upstream
 
-The relay has one listener, TLS or plain, so the issue's exact topology (client -> relay plain
-HTTP, relay <-> agent TLS) is not available; airlock-tls and airlock-ws bracket it.
+`airlock` is issue 4's topology; it needs a relay with `--plain-listen` (a plain-HTTP listener for
+clients next to the TLS one for agents). Older relays lack it: the row is then left out and
+airlock-tls and airlock-ws bracket it.
 """
 
 import argparse
@@ -45,7 +47,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
-PATHS = ["direct", "airlock-tls", "airlock-ws", "nginx-proxy", "rathole-tls", "rathole-wss"]
+ALL_PATHS = ["direct", "airlock", "airlock-tls", "airlock-ws", "nginx-proxy", "rathole-tls", "rathole-wss"]
+AIRLOCK_PATHS = ("airlock", "airlock-tls", "airlock-ws")
+PATHS = list(ALL_PATHS)  # narrowed by --paths and by what the relay supports
 
 # figure id -> (label, unit, higher_is_better)
 METRICS = [
@@ -438,13 +442,22 @@ class Bench:
             roles={"nginx": [p.pid] + children(p.pid)},
             note=f"worker_processes {self.args.proxy_workers}, keepalive 64 to the upstream")
 
-    def start_relay(self, name, data_dir, port, tls):
+    def start_relay(self, name, data_dir, port, tls, plain_port=None):
         argv = [RELAY_BIN, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir,
                 "--dev-tls" if tls else "--no-tls"]
+        if plain_port:
+            argv += ["--plain-listen", f"127.0.0.1:{plain_port}"]
         p = self.procs.start(name, argv)
         out = os.path.join(self.logdir, f"{name}.out")
-        wait_for(lambda: p.poll() is not None or file_has(out, r"listening on"), 60,
-                 f"{name} to listen")
+        want = 2 if plain_port else 1
+
+        def up():
+            try:
+                with open(out, errors="replace") as f:
+                    return p.poll() is not None or f.read().count("listening on") >= want
+            except FileNotFoundError:
+                return False
+        wait_for(up, 60, f"{name} to listen")
         if p.poll() is not None:
             raise RuntimeError(f"{name} exited; see {self.logdir}/{name}.log")
         return p
@@ -467,12 +480,15 @@ class Bench:
             f.write(token + "\n")
         os.chmod(token_file, 0o600)
 
-    def setup_airlock(self, name, tls):
+    def setup_airlock(self, name, mode):
+        """mode: "spec" (clients over plain HTTP, agent over wss), "tls" (both TLS), "ws" (no TLS)."""
+        tls = mode in ("spec", "tls")
         d = os.path.join(self.work, name)
         data = os.path.join(d, "relay")
         os.makedirs(d)
         port = free_port()
-        relay = self.start_relay(f"{name}-relay", data, port, tls)
+        plain_port = free_port() if mode == "spec" else None
+        relay = self.start_relay(f"{name}-relay", data, port, tls, plain_port)
         scheme = "https" if tls else "http"
         env = self.relay_env(scheme, port, data)
         token_file = os.path.join(d, "agent-token")
@@ -495,12 +511,15 @@ class Bench:
         if ca:
             argv += ["--ca-file", ca]
         agent = self.procs.start(f"{name}-agent", argv)
+        base = (f"http://127.0.0.1:{plain_port}" if plain_port else f"{scheme}://127.0.0.1:{port}")
         self.paths[name] = Path(
-            name, f"{scheme}://127.0.0.1:{port}/v1/connections/bench/proxy/",
-            headers={"Authorization": "Bearer " + env["AIRLOCK_TOKEN"]}, cafile=ca,
+            name, base + "/v1/connections/bench/proxy/",
+            headers={"Authorization": "Bearer " + env["AIRLOCK_TOKEN"]},
+            cafile=None if plain_port else ca,
             roles={"relay": [relay.pid], "agent": [agent.pid]},
-            note=("client -https-> relay (dev TLS), relay <=wss= agent" if tls
-                  else "client -http-> relay (--no-tls), relay <=ws (no TLS)= agent"))
+            note={"spec": "client -http-> relay (--plain-listen), relay <=wss= agent (issue 4's topology)",
+                  "tls": "client -https-> relay (dev TLS), relay <=wss= agent",
+                  "ws": "client -http-> relay (--no-tls), relay <=ws (no TLS)= agent"}[mode])
 
     def setup_rathole(self, name, ws):
         d = os.path.join(self.work, name)
@@ -538,12 +557,15 @@ class Bench:
     def setup(self):
         log(f"work directory {self.work}")
         self.setup_upstream()
-        self.setup_nginx_proxy()
+        if "nginx-proxy" in PATHS:
+            self.setup_nginx_proxy()
         self.pki = throwaway_pki(os.path.join(self.work, "pki"))
-        for name, tls in (("airlock-tls", True), ("airlock-ws", False)):
-            self.setup_airlock(name, tls)
-        for name, ws in (("rathole-tls", False), ("rathole-wss", True)):
-            self.setup_rathole(name, ws)
+        modes = {"airlock": "spec", "airlock-tls": "tls", "airlock-ws": "ws"}
+        for name in PATHS:
+            if name in modes:
+                self.setup_airlock(name, modes[name])
+            elif name.startswith("rathole-"):
+                self.setup_rathole(name, name == "rathole-wss")
         for name in PATHS:
             self.verify(self.paths[name])
             log(f"path ready: {name:12} {self.paths[name].base}")
@@ -961,8 +983,8 @@ def targets_check(summary, rss, agents):
     """Issue 4's targets, for both Airlock rows; each must also beat rathole-wss."""
     rows = []
     for metric, cmp, target in TARGETS:
-        rat = summary["rathole-wss"][metric]["ratio_to_direct"]
-        for path in ("airlock-ws", "airlock-tls"):
+        rat = summary["rathole-wss"][metric]["ratio_to_direct"] if "rathole-wss" in summary else None
+        for path in [p for p in AIRLOCK_PATHS if p in summary]:
             r = summary[path][metric]["ratio_to_direct"]
             if r is None:
                 continue
@@ -973,15 +995,15 @@ def targets_check(summary, rss, agents):
     for (role, when), limit in RSS_TARGETS.items():
         rat_role = "rathole-server" if role == "relay" else "rathole-client"
         key = {"idle": "cold_idle_MiB", "idle after load": "idle_MiB", "c64": "c64_MiB"}[when]
-        rat = rss["rathole-wss"][rat_role][key]
-        for path in ("airlock-ws", "airlock-tls"):
+        rat = rss["rathole-wss"][rat_role][key] if "rathole-wss" in rss else None
+        for path in [p for p in AIRLOCK_PATHS if p in rss]:
             v = rss[path][role][key]
             rows.append({"figure": f"{role} RSS {when} (MiB)", "path": path, "value": v,
                          "target": f"<= {limit}", "meets_target": v <= limit,
-                         "rathole_wss": rat, "beats_rathole_wss": v < rat})
+                         "rathole_wss": rat, "beats_rathole_wss": rat is None or v < rat})
     for a in agents or []:
         v = a["relay_rss_per_agent_KiB"]
-        rows.append({"figure": f"relay RSS per idle agent, N={a['n']} (KiB)", "path": "airlock-tls",
+        rows.append({"figure": f"relay RSS per idle agent, N={a['n']} (KiB)", "path": "relay (wss)",
                      "value": v, "target": f"<= {PER_AGENT_TARGET_KIB}" + ("" if a["n"] >= 10000 else " (target is for N=10,000)"),
                      "meets_target": v <= PER_AGENT_TARGET_KIB, "rathole_wss": None, "beats_rathole_wss": True})
     return rows
@@ -1141,6 +1163,7 @@ def agents_bench(bench, n):
 
     # Kill the relay (as a crash would) and restart it on the same port and data directory.
     failures0 = sim.status.get("failures_total", 0)
+    sessions0 = sim.status.get("sessions_total", 0)
     net1 = tcp_ext()
     t_kill = time.time()
     relay.kill()
@@ -1153,7 +1176,11 @@ def agents_bench(bench, n):
         gone = [h for h in sim.history if h[0] / 1000 >= t_kill and h[1] == 0]
     t_noticed = gone[0][0] / 1000 if gone else None
     cpu1 = cpu_seconds(relay.pid)
-    st = sim.wait(lambda: sim.status.get("connected", 0) >= n, bench.args.agents_timeout, f"{n} agents reconnected")
+    # Every agent must have had a new session (the status line from before the kill still says
+    # "all connected").
+    st = sim.wait(lambda: sim.status.get("sessions_total", 0) >= sessions0 + n
+                  and sim.status.get("connected", 0) >= n,
+                  bench.args.agents_timeout, f"{n} agents reconnected")
     t_all = st["unix_ms"] / 1000
     reconnect_cpu = cpu_seconds(relay.pid) - cpu1
     net_reconnect = delta(net1, tcp_ext())
@@ -1246,6 +1273,8 @@ def main():
     ap.add_argument("--ramp", type=int, default=256, help="sim-agents: handshakes in flight for the first connect")
     ap.add_argument("--agents-timeout", type=float, default=240)
     ap.add_argument("--profile", action="store_true", help="perf-record the Airlock relay and agent under c64 load")
+    ap.add_argument("--paths", default=",".join(ALL_PATHS),
+                    help="comma-separated paths to measure (direct is always included)")
     ap.add_argument("--upstream-workers", default="auto")
     ap.add_argument("--proxy-workers", default="auto")
     ap.add_argument("--quiet-cores", type=float, default=0.3,
@@ -1262,6 +1291,19 @@ def main():
     if ns and max(ns) * 1.2 + 1000 > resource.getrlimit(resource.RLIMIT_NOFILE)[0]:
         print(f"warning: open-file limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} is low for "
               f"{max(ns)} agents", file=sys.stderr)
+
+    wanted = ["direct"] + [p.strip() for p in args.paths.split(",") if p.strip() and p.strip() != "direct"]
+    unknown = [p for p in wanted if p not in ALL_PATHS]
+    if unknown:
+        ap.error(f"unknown paths {unknown}; known: {ALL_PATHS}")
+    notes = []
+    if "airlock" in wanted:
+        helptext = subprocess.run([RELAY_BIN, "serve", "--help"], capture_output=True, text=True).stdout
+        if "--plain-listen" not in helptext:
+            wanted.remove("airlock")
+            notes.append("this relay has no --plain-listen: issue 4's topology (client -> relay over plain "
+                         "HTTP, agent over TLS) is not measured; airlock-tls and airlock-ws bracket it")
+    PATHS[:] = [p for p in ALL_PATHS if p in wanted]
 
     started = time.time()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -1284,17 +1326,17 @@ def main():
         })
         if args.profile:
             log("profiling the Airlock relay and agent under c64 (perf record --call-graph dwarf)")
-            result["profiles"] = bench.profile(["airlock-ws", "airlock-tls"])
+            result["profiles"] = bench.profile([p for p in ("airlock", "airlock-ws") if p in PATHS])
         # The HTTP paths are no longer needed; free the cores for the agents bench.
         bench.procs.stop_all()
     for n in ns:
         agents.append(agents_bench(bench, n))
     result["agents"] = agents
     result["wall_time_s"] = time.time() - started
-    result["notes"] = bench.notes + [
-        "The relay has one listener (TLS or plain): the issue's topology (client -> relay over plain "
-        "HTTP, relay <-> agent over TLS) cannot be configured. airlock-tls is TLS on both legs; "
-        "airlock-ws is plain on both legs; the specified topology lies between them.",
+    result["notes"] = notes + bench.notes + [
+        "airlock = issue 4's topology (client -> relay over plain HTTP via --plain-listen, relay <-> agent "
+        "over TLS WebSocket); airlock-tls = TLS on both legs (new-connection figure includes a client TLS "
+        "handshake per request); airlock-ws = no TLS anywhere.",
         "Ratios are medians of per-round ratios (path / direct measured in the same round).",
         "RSS of nginx-proxy is master + workers summed; shared pages are counted once per process.",
     ]
@@ -1342,7 +1384,9 @@ def machine_info():
     return {"cpus": os.cpu_count(), "model": model, "loadavg_at_start": os.getloadavg(), "kernel": os.uname().release,
             "nginx": ver(["nginx", "-v"]), "wrk": ver(["wrk", "-v"])[:40], "curl": ver(["curl", "--version"])[:40],
             "rathole": ver([RATHOLE_BIN, "--version"]),
-            "airlock_commit": ver(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])}
+            "airlock_commit": ver(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+            # The binaries are built from the working tree: say which sources differ from HEAD.
+            "airlock_uncommitted": ver(["git", "-C", ROOT, "status", "--porcelain", "--", "shared", "relay", "agent"])}
 
 
 if __name__ == "__main__":
