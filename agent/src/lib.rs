@@ -104,7 +104,13 @@ pub fn main() -> ExitCode {
             tracing::info!("signal received; draining");
             trigger.cancel();
         });
-        match tunnel::run(config, status, shutdown).await {
+        // On a worker thread, not the main thread inside `block_on`: otherwise every stream the
+        // session loop accepts hops from the main thread to a worker (a context switch each).
+        let run = tokio::spawn(tunnel::run(config, status, shutdown));
+        match run
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("agent task failed: {e}")))
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

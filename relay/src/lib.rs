@@ -84,7 +84,13 @@ pub fn main() -> ExitCode {
                     tracing::info!("signal received; shutting down");
                     trigger.cancel();
                 });
-                match server::run(config, listener, shutdown).await {
+                // On a worker thread, not the main thread inside `block_on`, so accepted
+                // connections do not hop threads.
+                let run = tokio::spawn(server::run(config, listener, shutdown));
+                match run
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("relay task failed: {e}")))
+                {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "relay failed");
