@@ -164,6 +164,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/agent/connect", get(crate::tunnel::connect))
         .route("/v1/connections/{name}/proxy", any(crate::proxy::proxy))
+        .route("/v1/connections/{name}/proxy/", any(crate::proxy::proxy))
         .route(
             "/v1/connections/{name}/proxy/{*path}",
             any(crate::proxy::proxy),

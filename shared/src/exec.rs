@@ -422,6 +422,25 @@ pub fn join_url(base: &Url, target: &str) -> Result<Url, ExecError> {
             "request target leaves the connection's origin",
         ));
     }
+    // Dot-segments (`..`, `%2e%2e`, `..\`) are resolved by the parser (RFC 3986 §5.2.4); the
+    // result must stay under the base URL's path, or the connection's credentials would reach
+    // paths of the host the connection was never defined for.
+    let path = url.path();
+    let inside = base_path.is_empty()
+        || path == base_path
+        || path
+            .strip_prefix(base_path)
+            .is_some_and(|rest| rest.starts_with('/'));
+    // An encoded slash next to dots (`..%2f`) survives the parser but many servers decode it
+    // before resolving dot-segments: refuse any `..` segment left after percent-decoding.
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let climbs = decoded.split(['/', '\\']).any(|segment| segment == "..");
+    if !inside || climbs {
+        return Err(ExecError::new(
+            ResetCode::InvalidRequest,
+            "request target leaves the connection's base path",
+        ));
+    }
     Ok(url)
 }
 
@@ -1160,6 +1179,24 @@ mod tests {
         let base = Url::parse("http://h").unwrap();
         assert_eq!(join_url(&base, "/a").unwrap().as_str(), "http://h/a");
         assert!(join_url(&base, "//evil.example/").is_err());
+        // Dot-segments may not climb out of the base path, however they are spelled.
+        let base = Url::parse("http://h/api/v2/").unwrap();
+        for escape in [
+            "/../x",
+            "/../../status",
+            "/%2e%2e/x",
+            "/%2E%2E/%2e%2e/x",
+            "/..\\x",
+            "/a/../../x",
+        ] {
+            let err = join_url(&base, escape).unwrap_err();
+            assert_eq!(err.code, ResetCode::InvalidRequest, "{escape}");
+        }
+        assert_eq!(
+            join_url(&base, "/a/../b").unwrap().as_str(),
+            "http://h/api/v2/b"
+        );
+        assert!(join_url(&Url::parse("http://h/api").unwrap(), "/../apix").is_err());
         assert!(join_url(&base, "a").is_err());
     }
 

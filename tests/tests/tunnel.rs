@@ -630,4 +630,50 @@ async fn clients_may_use_a_plain_listener_while_agents_use_tls() {
         sha256_hex(&resp.bytes().await.unwrap()),
         pattern_sha256(2000, 4)
     );
+
+    // Dot-segments cannot climb out of the connection's base path (HTTP clients normalise them
+    // away, so speak HTTP/1.1 by hand).
+    relay
+        .create_connection(&private_connection(
+            "prefixed",
+            &format!("{}/bytes/", upstream.url),
+            json!({"type": "basic", "username": "u", "password": "p"}),
+        ))
+        .await
+        .unwrap();
+    let before = upstream.total_requests();
+    for path in ["../stream/10", "%2e%2e/stream/10", "..%2fstream/10"] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let req = format!(
+            "GET /v1/connections/prefixed/proxy/{path} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            relay.admin_token
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 404"),
+            "{path}: {answer}"
+        );
+    }
+    assert_eq!(
+        upstream.total_requests(),
+        before,
+        "an escaped request reached the upstream"
+    );
+    // The root of a connection is reachable with and without the trailing slash.
+    for path in ["/v1/connections/up/proxy", "/v1/connections/up/proxy/"] {
+        let before = upstream.total_requests();
+        let resp = relay.api(Method::GET, path).send().await.unwrap();
+        let body = resp.text().await.unwrap();
+        assert!(!body.contains("no such endpoint"), "{path}: {body}");
+        assert_eq!(
+            upstream.total_requests(),
+            before + 1,
+            "{path} did not reach the app"
+        );
+    }
 }
