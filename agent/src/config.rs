@@ -259,14 +259,15 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// Delay before attempt `attempt` (0-based): uniformly random in
-    /// `[d/2, d]` with `d = min(max, initial * 2^attempt)`.
+    /// Delay before attempt `attempt` (0-based): uniformly random in `[d/10, d]` with
+    /// `d = min(max, initial * 2^attempt)` ("full jitter" with a small floor), so agents that
+    /// lost the same relay at the same moment do not come back in one wave.
     pub fn delay(&self, attempt: u32, unit_random: f64) -> Duration {
         let exp = self
             .initial
             .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX));
         let d = exp.min(self.max);
-        d.mul_f64(0.5 + 0.5 * unit_random.clamp(0.0, 1.0))
+        d.mul_f64(0.1 + 0.9 * unit_random.clamp(0.0, 1.0))
     }
 }
 
@@ -459,7 +460,7 @@ mod tests {
     fn backoff_is_capped_and_jittered() {
         let b = Backoff::default();
         assert_eq!(b.delay(0, 1.0), Duration::from_millis(250));
-        assert_eq!(b.delay(0, 0.0), Duration::from_millis(125));
+        assert_eq!(b.delay(0, 0.0), Duration::from_millis(25));
         assert_eq!(b.delay(30, 1.0), Duration::from_secs(30));
         assert!(b.delay(3, 0.5) > b.delay(2, 0.5));
     }

@@ -5,7 +5,7 @@
 //! WebSocket to `/v1/agent/connect` with `Authorization: Bearer <token>`, `Hello`, wait for
 //! `Welcome`, then keep reading the socket (tungstenite answers the relay's pings while reading)
 //! until the connection ends, and reconnect with the agent's own capped exponential backoff with
-//! jitter (`airlock_agent::config::Backoff`: 250 ms initial, ×2, cap 30 s, uniform in `[d/2, d]`).
+//! jitter (`airlock_agent::config::Backoff`: 250 ms initial, ×2, cap 30 s, uniform in `[d/10, d]`).
 //! It never serves streams: a relay that opened one would see it time out.
 //!
 //! ```text
