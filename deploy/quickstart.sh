@@ -78,7 +78,10 @@ AIRLOCK_TOKEN="$(cat "$work/relay/admin-token")"
 export AIRLOCK_CA_FILE="$work/relay/tls/ca.pem"
 
 say "enrolling an agent in group dc1"
-agent_json=$("$relay_bin" agents create quickstart-agent --group dc1)
+# A re-run revokes the agent an earlier run enrolled, so the list does not fill up.
+"$relay_bin" agents list 2>/dev/null | awk '$2 == "quickstart-agent" && $4 != "revoked" {print $1}' \
+    | while read -r old; do "$relay_bin" agents revoke "$old" >/dev/null 2>&1 || true; done
+agent_json=$("$relay_bin" agents create quickstart-agent --group dc1 2>/dev/null)
 python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' <<<"$agent_json" >"$work/agent-token"
 chmod 600 "$work/agent-token"
 agent_id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$agent_json")
@@ -95,6 +98,7 @@ done
 "$relay_bin" agents list | sed 's/^/    /'
 
 say "defining the private connection 'httpbin' (basic auth user:passwd, via group dc1)"
+umask 077 # the definition holds a password
 cat >"$work/httpbin-connection.json" <<JSON
 {
   "name": "httpbin",
@@ -109,7 +113,7 @@ JSON
 echo "    created"
 
 say "test request (GET /basic-auth/user/passwd through the agent)"
-"$relay_bin" connections test httpbin | sed 's/^/    /'
+"$relay_bin" connections test httpbin 2>&1 | sed 's/^/    /'
 
 say "proxied call: GET /v1/connections/httpbin/proxy/basic-auth/user/passwd"
 curl -sS --cacert "$AIRLOCK_CA_FILE" -H "Authorization: Bearer $AIRLOCK_TOKEN" \
@@ -120,7 +124,7 @@ say "ready. Try it yourself:"
 cat <<CURL
     curl --cacert $AIRLOCK_CA_FILE \\
          -H "Authorization: Bearer \$(cat $work/relay/admin-token)" \\
-         $AIRLOCK_RELAY_URL/v1/connections/httpbin/proxy/anything?hello=world
+         '$AIRLOCK_RELAY_URL/v1/connections/httpbin/proxy/anything?hello=world'
 
 Logs: $work/{relay,agent,httpbin}.log   Press Ctrl-C to stop everything.
 CURL

@@ -91,8 +91,14 @@ pub async fn run(
     status: Arc<AgentStatus>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if matches!(config.policy, exec::DestinationPolicy::Any) {
-        warn!("--allow-any: this agent will call any destination the relay asks for");
+    match &config.policy {
+        exec::DestinationPolicy::Any => {
+            warn!("--allow-any: this agent will call any destination the relay asks for")
+        }
+        exec::DestinationPolicy::AllowList(list) if list.is_empty() => warn!(
+            "the allow-list is empty: every request will be refused; add --allow HOST[:PORT]|CIDR"
+        ),
+        _ => {}
     }
     let tls = Arc::new(tls_config(&config)?);
     let engine = Arc::new(Engine::new(config.policy.clone()));

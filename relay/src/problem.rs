@@ -86,7 +86,14 @@ impl Problem {
 }
 
 fn title(slug: &str) -> String {
-    let mut s = slug.replace('_', " ").replace("json", "JSON");
+    let mut s = slug
+        .split('_')
+        .map(|w| match w {
+            "json" | "dns" | "tls" => w.to_ascii_uppercase(),
+            _ => w.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     if let Some(first) = s.get_mut(0..1) {
         first.make_ascii_uppercase();
     }

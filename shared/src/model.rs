@@ -650,7 +650,9 @@ fn default_test_path() -> String {
 pub struct ConnectionDefinition {
     /// Unique name: 1 to 64 characters of `[A-Za-z0-9._-]`; used in URLs.
     pub name: String,
-    /// Base URL of the app (`http` or `https`, no query or fragment).
+    /// Base URL of the app (`http` or `https`, no query or fragment). Control characters are
+    /// refused rather than silently dropped (the URL parser strips tabs and newlines).
+    #[serde(deserialize_with = "strict_url")]
     pub base_url: Url,
     /// Authentication.
     #[serde(default)]
@@ -667,6 +669,18 @@ pub struct ConnectionDefinition {
     /// Longest wait for the response head, in milliseconds. Default 60,000.
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+}
+
+/// Parses a URL, refusing control characters (CR, LF, tab, NUL) that the WHATWG parser would
+/// silently remove.
+fn strict_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
+    let raw = String::deserialize(d)?;
+    if raw.chars().any(char::is_control) {
+        return Err(serde::de::Error::custom(
+            "must not contain control characters (CR, LF, tab, NUL)",
+        ));
+    }
+    Url::parse(&raw).map_err(serde::de::Error::custom)
 }
 
 /// A field of a connection definition failed validation.
@@ -882,6 +896,9 @@ mod tests {
     #[test]
     fn unknown_fields_and_auth_types_are_refused() {
         assert!(def(serde_json::json!({"name": "a", "base_url": "http://a", "x": 1})).is_err());
+        // CR/LF in the base URL is refused, not silently dropped by the URL parser.
+        assert!(def(serde_json::json!({"name": "a", "base_url": "http://a/x\r\ny"})).is_err());
+        assert!(def(serde_json::json!({"name": "a", "base_url": "http://a/x\ty"})).is_err());
         assert!(def(
             serde_json::json!({"name": "a", "base_url": "http://a", "auth": {"type": "nope"}})
         )
