@@ -46,7 +46,10 @@ fn check_unit(unit: &str, binary: &str, subcommand: &str) {
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
-        assert!(help.contains(flag), "{unit}: {flag} is not a flag of {binary} {subcommand}");
+        assert!(
+            help.contains(flag),
+            "{unit}: {flag} is not a flag of {binary} {subcommand}"
+        );
     }
 }
 
