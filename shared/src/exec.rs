@@ -408,14 +408,21 @@ pub fn join_url(base: &Url, target: &str) -> Result<Url, ExecError> {
         ));
     }
     let base_path = base.path().trim_end_matches('/');
-    let s = format!(
-        "{}{}{}",
-        &base[..url::Position::BeforePath],
-        base_path,
-        target
-    );
-    let url = Url::parse(&s)
-        .map_err(|e| ExecError::new(ResetCode::InvalidRequest, format!("bad target: {e}")))?;
+    // Start from the parsed base and set only path and query: the scheme and host are not parsed
+    // again (no IDNA processing per request). The path parser still resolves dot-segments.
+    let (path_part, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    if path_part.contains('#') {
+        return Err(ExecError::new(
+            ResetCode::InvalidRequest,
+            "request target must not contain a fragment",
+        ));
+    }
+    let mut url = base.clone();
+    url.set_path(&format!("{base_path}{path_part}"));
+    url.set_query(query);
     if url.origin() != base.origin() {
         return Err(ExecError::new(
             ResetCode::InvalidRequest,
