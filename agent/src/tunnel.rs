@@ -1,6 +1,6 @@
 //! The agent's side of the tunnel: dial out, handshake, serve streams, reconnect forever.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -350,36 +350,59 @@ async fn handle_stream(
         recv,
     } = s;
     let cancelled = send.cancellation();
-    let spec: ConnectionSpec = match serde_json::from_slice(&spec) {
-        Ok(s) => s,
-        Err(e) => {
-            // The error names the field, never a value.
-            warn!(
-                line = e.line(),
-                column = e.column(),
-                "connection definition not understood"
-            );
-            send.reset(
-                ResetCode::InvalidRequest,
-                "this agent does not understand the connection definition; upgrade the agent",
-            );
-            return;
-        }
-    };
-    let profile = match &spec.auth {
-        Auth::Profile { name } => Some(name.clone()),
-        _ => None,
-    };
-    let spec = match resolve_profile(spec, &profiles, &hostname) {
-        Ok(spec) => spec,
-        Err(message) => {
-            warn!(profile = ?profile, "{message}");
-            send.reset(ResetCode::InvalidRequest, &message);
-            return;
+    // The relay sends the same bytes for every request of a connection: parse (and resolve the
+    // profile) once. Profiles do not change while the agent runs.
+    static SPECS: std::sync::OnceLock<Mutex<HashMap<Bytes, Arc<ConnectionSpec>>>> =
+        std::sync::OnceLock::new();
+    let specs = SPECS.get_or_init(Default::default);
+    let cached = specs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&spec)
+        .cloned();
+    let spec = match cached {
+        Some(spec) => spec,
+        None => {
+            let raw = spec.clone();
+            let spec: ConnectionSpec = match serde_json::from_slice(&spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    // The error names the field, never a value.
+                    warn!(
+                        line = e.line(),
+                        column = e.column(),
+                        "connection definition not understood"
+                    );
+                    send.reset(
+                        ResetCode::InvalidRequest,
+                        "this agent does not understand the connection definition; upgrade the agent",
+                    );
+                    return;
+                }
+            };
+            let profile = match &spec.auth {
+                Auth::Profile { name } => Some(name.clone()),
+                _ => None,
+            };
+            let spec = match resolve_profile(spec, &profiles, &hostname) {
+                Ok(spec) => spec,
+                Err(message) => {
+                    warn!(profile = ?profile, "{message}");
+                    send.reset(ResetCode::InvalidRequest, &message);
+                    return;
+                }
+            };
+            let spec = Arc::new(spec);
+            let mut map = specs.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() >= 256 {
+                map.clear();
+            }
+            map.insert(raw, spec.clone());
+            spec
         }
     };
     let path = head.target.split('?').next().unwrap_or("/").to_string();
-    debug!(method = %head.method, %path, connection = %spec.name, profile = ?profile, "executing");
+    debug!(method = %head.method, %path, connection = %spec.name, "executing");
     let body = match head.body {
         BodyKind::Empty => None,
         BodyKind::Length(n) => Some(LengthChecked::new(RecvBody { recv }, Some(n)).boxed_unsync()),
