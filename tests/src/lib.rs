@@ -179,6 +179,64 @@ pub(crate) fn parse_socket_addr(url: &str) -> anyhow::Result<SocketAddr> {
         .map_err(|e| anyhow::anyhow!("host of {url:?} is not an IP address: {e}"))
 }
 
+/// A relay with one agent enrolled in group `dc1` (name `a1`) and online, allowed to reach
+/// `allow` (`HOST[:PORT]` or CIDR entries).
+pub struct Tunnel {
+    /// The relay.
+    pub relay: Relay,
+    /// The agent process.
+    pub agent: Agent,
+    /// The agent's enrolment id.
+    pub agent_id: String,
+    /// The agent's token.
+    pub token: String,
+}
+
+impl Tunnel {
+    /// Starts the relay and the agent and waits until the relay sees the agent online.
+    ///
+    /// # Errors
+    ///
+    /// Any start-up failure of the relay or the agent, or the agent not coming online.
+    pub async fn start(allow: &[String]) -> anyhow::Result<Tunnel> {
+        let relay = Relay::start(RelayOptions::default()).await?;
+        let (agent_id, token) = relay.create_agent("a1", "dc1").await?;
+        let agent = Agent::start(
+            &relay,
+            &token,
+            AgentOptions {
+                allow: allow.to_vec(),
+                ..AgentOptions::default()
+            },
+        )
+        .await?;
+        wait_agent_online(&relay, &agent_id).await?;
+        Ok(Tunnel {
+            relay,
+            agent,
+            agent_id,
+            token,
+        })
+    }
+
+    /// Also defines the private connection `up` (auth none, group `dc1`) to `upstream`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Tunnel::start`], or the connection not being created.
+    pub async fn to_upstream(upstream: &Upstream) -> anyhow::Result<Tunnel> {
+        let t = Tunnel::start(&[upstream.addr.to_string()]).await?;
+        t.relay
+            .create_connection(&serde_json::json!({
+                "name": "up",
+                "base_url": upstream.url,
+                "network": {"private": true, "agent_group": "dc1"}
+            }))
+            .await?;
+        Ok(t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

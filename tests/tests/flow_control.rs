@@ -4,10 +4,9 @@
 use std::time::{Duration, Instant};
 
 use airlock_tests::pattern::pattern_sha256;
-use airlock_tests::{wait_agent_online, Agent, AgentOptions, Relay, RelayOptions, Upstream};
+use airlock_tests::{Tunnel, Upstream};
 use futures_util::StreamExt;
 use reqwest::Method;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
 /// Resident set size of a process, in bytes (`VmRSS` of /proc/PID/status).
@@ -29,27 +28,7 @@ async fn slow_reader_keeps_relay_and_agent_memory_flat() {
     const LIMIT: u64 = 32 * 1024 * 1024;
 
     let upstream = Upstream::start().await.unwrap();
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let (id, token) = relay.create_agent("a1", "dc1").await.unwrap();
-    let agent = Agent::start(
-        &relay,
-        &token,
-        AgentOptions {
-            allow: vec![upstream.addr.to_string()],
-            ..AgentOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_agent_online(&relay, &id).await.unwrap();
-    relay
-        .create_connection(&json!({
-            "name": "up",
-            "base_url": upstream.url,
-            "network": {"private": true, "agent_group": "dc1"}
-        }))
-        .await
-        .unwrap();
+    let Tunnel { relay, agent, .. } = Tunnel::to_upstream(&upstream).await.unwrap();
     // Warm both processes up with a small request so the baseline includes pools and buffers.
     let warm = relay
         .proxy(Method::GET, "up", "bytes/100000?seed=1")

@@ -6,35 +6,14 @@ use std::time::Duration;
 use airlock_shared::mux;
 use airlock_shared::proto::{Frame, Hello};
 use airlock_tests::pattern::{pattern_sha256, sha256_hex};
-use airlock_tests::{wait_agent_online, Agent, AgentOptions, Relay, RelayOptions, Upstream};
+use airlock_tests::{Agent, Relay, Tunnel, Upstream};
 use futures_util::StreamExt;
 use reqwest::Method;
-use serde_json::json;
 
 async fn setup() -> (Upstream, Relay, Agent, String) {
     let upstream = Upstream::start().await.unwrap();
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let (id, token) = relay.create_agent("a1", "dc1").await.unwrap();
-    let agent = Agent::start(
-        &relay,
-        &token,
-        AgentOptions {
-            allow: vec![upstream.addr.to_string()],
-            ..AgentOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_agent_online(&relay, &id).await.unwrap();
-    relay
-        .create_connection(&json!({
-            "name": "up",
-            "base_url": upstream.url,
-            "network": {"private": true, "agent_group": "dc1"}
-        }))
-        .await
-        .unwrap();
-    (upstream, relay, agent, token)
+    let t = Tunnel::to_upstream(&upstream).await.unwrap();
+    (upstream, t.relay, t.agent, t.token)
 }
 
 #[tokio::test]

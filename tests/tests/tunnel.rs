@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use airlock_tests::pattern::{pattern_sha256, sha256_hex};
 use airlock_tests::{
     assert_eventually, wait_agent_online, wait_agent_status, Agent, AgentOptions, Httpbin, Relay,
-    RelayOptions, Upstream,
+    RelayOptions, Tunnel, Upstream,
 };
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -15,20 +15,8 @@ use sha2::{Digest, Sha256};
 
 /// A relay, one agent of group `dc1` allowed to reach `allow`, and its enrolment id.
 async fn setup(allow: &[String]) -> (Relay, Agent, String) {
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let (id, token) = relay.create_agent("a1", "dc1").await.unwrap();
-    let agent = Agent::start(
-        &relay,
-        &token,
-        AgentOptions {
-            allow: allow.to_vec(),
-            ..AgentOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    wait_agent_online(&relay, &id).await.unwrap();
-    (relay, agent, id)
+    let t = Tunnel::start(allow).await.unwrap();
+    (t.relay, t.agent, t.agent_id)
 }
 
 fn private_connection(name: &str, base_url: &str, auth: Value) -> Value {
