@@ -62,7 +62,6 @@ pub const PATH: &str = "/v1/openapi.json";
         test_connection,
         proxy,
         proxy_root,
-        proxy_root_slash,
         healthz,
         metrics,
         openapi_json,
@@ -453,26 +452,6 @@ fn proxy() {}
 fn proxy_root() {}
 
 #[utoipa::path(
-    method(get, post, put, delete, patch, head, options, trace),
-    path = "/v1/connections/{name}/proxy/",
-    tag = "proxy",
-    operation_id = "proxy_root_slash",
-    description = "The same as without the trailing slash.",
-    security(("admin_token" = [])),
-    params(("name" = String, Path, description = "Connection name")),
-    request_body(content = inline(String), content_type = "*/*", description = "Any body, streamed to the app"),
-    responses(
-        (status = "default", description = "The app's response, streamed", content_type = "*/*"),
-        (status = 401, description = "Missing or wrong admin token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such connection", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "The app could not be reached", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "agent_offline", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "timeout", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-fn proxy_root_slash() {}
-
-#[utoipa::path(
     get,
     path = "/healthz",
     tag = "operations",
@@ -583,8 +562,14 @@ mod tests {
                 }
                 if let Some(literal) = trimmed.strip_prefix('"') {
                     if let Some(end) = literal.find('"') {
-                        // `{*path}` is axum's catch-all; OpenAPI writes it `{path}`.
-                        paths.insert(literal[..end].replace("{*", "{"));
+                        // `{*path}` is axum's catch-all; OpenAPI writes it `{path}`. A route with
+                        // a trailing slash is an alias of the one without (documented once).
+                        let path = literal[..end].replace("{*", "{");
+                        let path = match path.strip_suffix('/') {
+                            Some(p) if !p.is_empty() => p.to_string(),
+                            _ => path,
+                        };
+                        paths.insert(path);
                     }
                 }
             }
