@@ -719,32 +719,15 @@ async fn delete_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::TunnelSettings;
-    use crate::store::Store;
-    use airlock_shared::exec::{DestinationPolicy, Engine};
     use airlock_shared::model::{Auth, Secret};
     use axum::http::{Method, Request};
-    use tokio_util::sync::CancellationToken;
     use tower::ServiceExt as _;
 
     const ADMIN: &str = "alk_admin_test-admin-token";
     const PASSWORD: &str = "hunter2-very-secret";
 
     async fn setup() -> (Arc<AppState>, Router) {
-        let store = Store::open_memory().await.unwrap();
-        let hash = crate::token::hash(ADMIN);
-        store.insert_admin_token(&hash).await.unwrap();
-        let state = Arc::new(
-            AppState::new(
-                store,
-                Engine::new(DestinationPolicy::Any),
-                TunnelSettings::default(),
-                CancellationToken::new(),
-            )
-            .await
-            .unwrap(),
-        );
-        state.add_admin_hash(hash);
+        let state = crate::state::test_state(ADMIN).await;
         (state.clone(), router(state))
     }
 

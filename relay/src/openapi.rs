@@ -487,15 +487,12 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::state::{AppState, TunnelSettings};
-    use crate::store::Store;
-    use airlock_shared::exec::{DestinationPolicy, Engine};
+    use crate::state::AppState;
     use axum::body::Body;
     use axum::http::{Method, Request};
     use axum::Router;
     use http_body_util::BodyExt as _;
     use serde_json::{json, Value};
-    use tokio_util::sync::CancellationToken;
     use tower::ServiceExt as _;
 
     const ADMIN: &str = "alk_admin_openapi-test-token";
@@ -505,20 +502,7 @@ mod tests {
     }
 
     async fn setup() -> (Arc<AppState>, Router) {
-        let store = Store::open_memory().await.unwrap();
-        let hash = crate::token::hash(ADMIN);
-        store.insert_admin_token(&hash).await.unwrap();
-        let state = Arc::new(
-            AppState::new(
-                store,
-                Engine::new(DestinationPolicy::Any),
-                TunnelSettings::default(),
-                CancellationToken::new(),
-            )
-            .await
-            .unwrap(),
-        );
-        state.add_admin_hash(hash);
+        let state = crate::state::test_state(ADMIN).await;
         (state.clone(), crate::server::router(state))
     }
 

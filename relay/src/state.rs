@@ -159,3 +159,23 @@ impl AppState {
             .remove(name);
     }
 }
+
+/// An in-memory relay state whose admin token is `admin`, for handler tests without a socket.
+#[cfg(test)]
+pub(crate) async fn test_state(admin: &str) -> Arc<AppState> {
+    let store = Store::open_memory().await.unwrap();
+    let hash = crate::token::hash(admin);
+    store.insert_admin_token(&hash).await.unwrap();
+    let state = Arc::new(
+        AppState::new(
+            store,
+            Engine::new(airlock_shared::exec::DestinationPolicy::Any),
+            TunnelSettings::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap(),
+    );
+    state.add_admin_hash(hash);
+    state
+}
