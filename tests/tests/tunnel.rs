@@ -128,15 +128,11 @@ async fn basic_auth_through_the_agent_against_httpbin() {
 #[tokio::test]
 async fn large_bodies_stream_both_ways_and_keep_their_framing() {
     let upstream = Upstream::start().await.unwrap();
-    let (relay, _agent, _) = setup(&[upstream.addr.to_string()]).await;
-    relay
-        .create_connection(&private_connection(
-            "up",
-            &upstream.url,
-            json!({"type": "none"}),
-        ))
-        .await
-        .unwrap();
+    let Tunnel {
+        relay,
+        agent: _agent,
+        ..
+    } = Tunnel::to_upstream(&upstream).await.unwrap();
     const SIZE: u64 = 64 * 1024 * 1024;
 
     // 64 MiB download with Content-Length.
@@ -219,15 +215,11 @@ async fn large_bodies_stream_both_ways_and_keep_their_framing() {
 #[tokio::test]
 async fn a_chunked_response_arrives_before_the_upstream_has_finished() {
     let upstream = Upstream::start().await.unwrap();
-    let (relay, _agent, _) = setup(&[upstream.addr.to_string()]).await;
-    relay
-        .create_connection(&private_connection(
-            "up",
-            &upstream.url,
-            json!({"type": "none"}),
-        ))
-        .await
-        .unwrap();
+    let Tunnel {
+        relay,
+        agent: _agent,
+        ..
+    } = Tunnel::to_upstream(&upstream).await.unwrap();
     // 5 chunks, 400 ms apart: the whole body takes >= 1.6 s.
     let started = Instant::now();
     let resp = relay
@@ -254,15 +246,7 @@ async fn a_chunked_response_arrives_before_the_upstream_has_finished() {
 #[tokio::test]
 async fn two_hundred_concurrent_requests_over_one_agent() {
     let upstream = Upstream::start().await.unwrap();
-    let (relay, agent, _) = setup(&[upstream.addr.to_string()]).await;
-    relay
-        .create_connection(&private_connection(
-            "up",
-            &upstream.url,
-            json!({"type": "none"}),
-        ))
-        .await
-        .unwrap();
+    let Tunnel { relay, agent, .. } = Tunnel::to_upstream(&upstream).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..200u64 {
         let req = relay.proxy(
@@ -288,15 +272,7 @@ async fn two_hundred_concurrent_requests_over_one_agent() {
 #[tokio::test]
 async fn client_going_away_cancels_the_upstream_request() {
     let upstream = Upstream::start().await.unwrap();
-    let (relay, agent, _) = setup(&[upstream.addr.to_string()]).await;
-    relay
-        .create_connection(&private_connection(
-            "up",
-            &upstream.url,
-            json!({"type": "none"}),
-        ))
-        .await
-        .unwrap();
+    let Tunnel { relay, agent, .. } = Tunnel::to_upstream(&upstream).await.unwrap();
     let resp = relay.proxy(Method::GET, "up", "hang").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
@@ -317,15 +293,9 @@ async fn client_going_away_cancels_the_upstream_request() {
 #[tokio::test]
 async fn agent_killed_mid_stream_is_an_error_not_a_short_body() {
     let upstream = Upstream::start().await.unwrap();
-    let (relay, mut agent, _) = setup(&[upstream.addr.to_string()]).await;
-    relay
-        .create_connection(&private_connection(
-            "up",
-            &upstream.url,
-            json!({"type": "none"}),
-        ))
-        .await
-        .unwrap();
+    let Tunnel {
+        relay, mut agent, ..
+    } = Tunnel::to_upstream(&upstream).await.unwrap();
     for path in ["hang", "stream/100000000?seed=1", "bytes/100000000?seed=1"] {
         let resp = relay.proxy(Method::GET, "up", path).send().await.unwrap();
         let mut stream = resp.bytes_stream();
@@ -355,15 +325,12 @@ async fn agent_killed_mid_stream_is_an_error_not_a_short_body() {
 #[tokio::test]
 async fn agent_reconnects_by_itself_after_a_relay_restart() {
     let upstream = Upstream::start().await.unwrap();
-    let (mut relay, agent, id) = setup(&[upstream.addr.to_string()]).await;
-    relay
-        .create_connection(&private_connection(
-            "up",
-            &upstream.url,
-            json!({"type": "none"}),
-        ))
-        .await
-        .unwrap();
+    let Tunnel {
+        mut relay,
+        agent,
+        agent_id: id,
+        ..
+    } = Tunnel::to_upstream(&upstream).await.unwrap();
     let pid = agent.pid();
     relay.restart().await.unwrap();
     wait_agent_online(&relay, &id).await.unwrap();
