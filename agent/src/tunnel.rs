@@ -215,16 +215,18 @@ async fn session(
     let tracker = TaskTracker::new();
     let driver_task = tokio::spawn(driver.run().instrument(span.clone()));
     let mut shutting_down = false;
+    let hostname: Arc<str> = Arc::from(hostname);
     loop {
         tokio::select! {
             s = incoming.accept() => match s {
                 Some(s) => {
                     let engine = engine.clone();
                     let profiles = config.profiles.clone();
-                    let hostname = hostname.to_string();
-                    let stream_span = tracing::info_span!(parent: &span, "stream", stream_id = %s.id);
+                    let hostname = hostname.clone();
+                    // The session's span, not one per stream: a span per request costs more
+                    // than the rest of the agent's bookkeeping; events name the stream instead.
                     tracker.spawn(
-                        handle_stream(engine, profiles, hostname, s).instrument(stream_span),
+                        handle_stream(engine, profiles, hostname, s).instrument(span.clone()),
                     );
                 }
                 None => break,
@@ -339,11 +341,11 @@ pub fn resolve_profile(
 async fn handle_stream(
     engine: Arc<Engine>,
     profiles: Arc<BTreeMap<String, Profile>>,
-    hostname: String,
+    hostname: Arc<str>,
     s: IncomingStream,
 ) {
     let IncomingStream {
-        id: _,
+        id: stream_id,
         head,
         spec,
         mut send,
@@ -352,8 +354,10 @@ async fn handle_stream(
     let cancelled = send.cancellation();
     // The relay sends the same bytes for every request of a connection: parse (and resolve the
     // profile) once. Profiles do not change while the agent runs.
-    static SPECS: std::sync::OnceLock<Mutex<HashMap<Bytes, Arc<ConnectionSpec>>>> =
-        std::sync::OnceLock::new();
+    // FxHash: the keys come from the authenticated relay, and SipHash over a few hundred bytes
+    // per request was a visible share of the agent's CPU.
+    type SpecCache = HashMap<Bytes, Arc<ConnectionSpec>, rustc_hash::FxBuildHasher>;
+    static SPECS: std::sync::OnceLock<Mutex<SpecCache>> = std::sync::OnceLock::new();
     let specs = SPECS.get_or_init(Default::default);
     let cached = specs
         .lock()
@@ -369,6 +373,7 @@ async fn handle_stream(
                 Err(e) => {
                     // The error names the field, never a value.
                     warn!(
+                        %stream_id,
                         line = e.line(),
                         column = e.column(),
                         "connection definition not understood"
@@ -387,7 +392,7 @@ async fn handle_stream(
             let spec = match resolve_profile(spec, &profiles, &hostname) {
                 Ok(spec) => spec,
                 Err(message) => {
-                    warn!(profile = ?profile, "{message}");
+                    warn!(%stream_id, profile = ?profile, "{message}");
                     send.reset(ResetCode::InvalidRequest, &message);
                     return;
                 }
@@ -402,7 +407,7 @@ async fn handle_stream(
         }
     };
     let path = head.target.split('?').next().unwrap_or("/").to_string();
-    debug!(method = %head.method, %path, connection = %spec.name, "executing");
+    debug!(%stream_id, method = %head.method, %path, connection = %spec.name, "executing");
     let body = match head.body {
         BodyKind::Empty => None,
         BodyKind::Length(n) => Some(LengthChecked::new(RecvBody { recv }, Some(n)).boxed_unsync()),
@@ -412,7 +417,7 @@ async fn handle_stream(
         let up = match engine.execute(&spec, &head, body).await {
             Ok(up) => up,
             Err(e) => {
-                info!(code = e.code.as_str(), error = %e.message, %path, "request failed");
+                info!(%stream_id, code = e.code.as_str(), error = %e.message, %path, "request failed");
                 return Err((e.code, e.message));
             }
         };
@@ -440,14 +445,14 @@ async fn handle_stream(
     let result = tokio::select! {
         r = work => r,
         () = cancelled => {
-            debug!(%path, "stream cancelled by the relay; upstream request dropped");
+            debug!(%stream_id, %path, "stream cancelled by the relay; upstream request dropped");
             return;
         }
     };
     match result {
         Ok(()) => {
             if send.finish().is_err() {
-                debug!("stream was reset before its end");
+                debug!(%stream_id, "stream was reset before its end");
             }
         }
         Err((ResetCode::Cancel, _)) => {}

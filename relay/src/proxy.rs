@@ -119,20 +119,20 @@ pub async fn execute(
     let group = def.network.agent_group.as_deref().unwrap_or_default();
     // Try the least busy agent; one that is draining or full is skipped.
     let mut opened = None;
+    let mut head = head;
     for session in state.registry.candidates(group) {
-        match session.mux.open(head.clone(), conn.spec_json.clone()) {
+        match session.mux.try_open(head, conn.spec_json.clone()) {
             Ok(halves) => {
                 opened = Some((session, halves));
                 break;
             }
-            Err(MuxError::Closed | MuxError::GoingAway | MuxError::TooManyStreams(_)) => continue,
-            Err(MuxError::StreamIdsExhausted) => {
-                session.mux.go_away("stream ids exhausted");
-                continue;
-            }
-            Err(e) => {
-                warn!(error = %e, "stream open failed");
-                continue;
+            Err((e, back)) => {
+                head = back;
+                match e {
+                    MuxError::Closed | MuxError::GoingAway | MuxError::TooManyStreams(_) => {}
+                    MuxError::StreamIdsExhausted => session.mux.go_away("stream ids exhausted"),
+                    e => warn!(error = %e, "stream open failed"),
+                }
             }
         }
     }

@@ -330,24 +330,39 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// True for a hop-by-hop field (RFC 9110 §7.6.1) or a framing field the tunnel re-creates.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
 /// Removes hop-by-hop fields, the fields named in `Connection`, `Host` and `Content-Length`
 /// (framing travels as [`BodyKind`]) from `headers`.
+///
+/// One pass over the names present: a map without such fields (the common case) is not
+/// touched, and only fields actually present are removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if is_hop_by_hop(name) || name == http::header::HOST || name == http::header::CONTENT_LENGTH
+        {
+            doomed.push(name.clone());
+        }
+    }
+    if headers.contains_key(http::header::CONNECTION) {
+        for token in headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+        {
+            if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                doomed.push(name);
+            }
+        }
+    }
+    for name in doomed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
-    headers.remove(http::header::HOST);
-    headers.remove(http::header::CONTENT_LENGTH);
 }
 
 /// Converts a header map to wire fields.
@@ -626,17 +641,12 @@ pub fn tls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, ExecError> 
 
 /// The pooled-client cache key of TLS settings: a SHA-256 digest of their JSON, so the cache
 /// (and anything that might print it) never holds the client key.
-fn tls_key(tls: &TlsSettings) -> [u8; 32] {
-    use sha2::Digest as _;
-    let json = serde_json::to_vec(tls).unwrap_or_default();
-    sha2::Sha256::digest(json).into()
-}
-
 /// The execution engine. One per process; cheap to share behind an `Arc`.
 pub struct Engine {
     policy: Arc<DestinationPolicy>,
-    /// Connection name → (digest of its TLS settings, client).
-    clients: Mutex<HashMap<String, ([u8; 32], reqwest::Client)>>,
+    /// Connection name → (the TLS settings its client was built with, client). Compared field by
+    /// field on every request: cheaper than hashing them, and a change rebuilds the client.
+    clients: Mutex<HashMap<String, (TlsSettings, reqwest::Client)>>,
 }
 
 /// What the engine returns: the upstream's response, body not yet read.
@@ -668,10 +678,9 @@ impl Engine {
     /// The pooled client of a connection definition, built on first use and rebuilt when its TLS
     /// settings change.
     fn client(&self, spec: &ConnectionSpec) -> Result<reqwest::Client, ExecError> {
-        let key = tls_key(&spec.tls);
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, c)) = clients.get(&spec.name) {
-            if *k == key {
+        if let Some((tls, c)) = clients.get(&spec.name) {
+            if *tls == spec.tls {
                 return Ok(c.clone());
             }
         }
@@ -696,7 +705,7 @@ impl Engine {
             .http1_only()
             .build()
             .map_err(|e| ExecError::new(ResetCode::Internal, format!("HTTP client: {e}")))?;
-        clients.insert(spec.name.clone(), (key, client.clone()));
+        clients.insert(spec.name.clone(), (spec.tls.clone(), client.clone()));
         Ok(client)
     }
 
@@ -791,9 +800,10 @@ impl Engine {
     }
 }
 
-fn upstream_response(resp: reqwest::Response, method: &Method) -> UpstreamResponse {
+fn upstream_response(mut resp: reqwest::Response, method: &Method) -> UpstreamResponse {
     let status = resp.status().as_u16();
-    let mut headers = resp.headers().clone();
+    // The body stream does not need the head: move the fields out instead of copying them.
+    let mut headers = std::mem::take(resp.headers_mut());
     let body_allowed = *method != Method::HEAD && !matches!(status, 100..=199 | 204 | 304);
     let kind = body_kind(&headers, body_allowed);
     // A HEAD or 304 response's Content-Length describes the representation, not this message:
@@ -1221,6 +1231,26 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("accept"));
+
+        // Several Connection fields, names in any case; framing and proxy credentials go too.
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("X-One"));
+        h.append("connection", HeaderValue::from_static(" x-two ,keep-alive"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic eDp5"));
+        h.append("x-kept", HeaderValue::from_static("a"));
+        h.append("x-kept", HeaderValue::from_static("b"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h.get_all("x-kept").iter().count(), 2);
+
+        // Nothing to strip: the map is left as it was.
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
@@ -1439,19 +1469,12 @@ mod tests {
         };
         let config = tls_config(&tls).unwrap();
         assert!(config.client_auth_cert_resolver.has_certs());
-        let k1 = tls_key(&tls);
-        assert!(!hex_of(&k1).contains("PRIVATE"));
         tls.insecure_skip_verify = true;
         tls_config(&tls).unwrap();
-        assert_ne!(tls_key(&tls), k1);
         let other = rcgen::KeyPair::generate().unwrap();
         tls.client_key = Some(crate::model::Secret::new(other.serialize_pem()));
         let err = tls_config(&tls).unwrap_err();
         assert!(err.message.contains("tls.client_key"), "{err}");
-    }
-
-    fn hex_of(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -214,12 +214,43 @@ enum Out {
 
 struct Entry {
     inbound: Option<mpsc::UnboundedSender<Inbound>>,
-    send_credit: Arc<Semaphore>,
+    /// Send credit and the cancellation signal, shared with the stream's [`SendStream`].
+    signal: Arc<StreamSignal>,
     /// Bytes the peer may still send on this stream before we return credit.
     recv_remaining: i64,
     local_done: bool,
     remote_done: bool,
-    cancelled: watch::Sender<bool>,
+}
+
+/// What a stream's sender waits on: its flow-control credit, and the end of the stream (reset or
+/// connection lost). One allocation per stream.
+struct StreamSignal {
+    /// Bytes this side may still send on the stream; closed when the stream ends.
+    credit: Semaphore,
+    /// Set once when the stream is removed; `notify` wakes every waiter.
+    cancelled: AtomicBool,
+    notify: Notify,
+}
+
+impl StreamSignal {
+    fn cancel(&self) {
+        self.credit.close();
+        self.cancelled.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    async fn cancelled(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a cancel between the check and the await is seen.
+            notified.as_mut().enable();
+            if self.cancelled.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -246,7 +277,8 @@ struct Shared {
     /// Consumed bytes not yet returned with a connection-level Credit.
     conn_unreturned: AtomicU64,
     active: AtomicUsize,
-    active_tx: watch::Sender<usize>,
+    /// Notified when the number of open streams drops to zero.
+    idle: Notify,
     closed_tx: watch::Sender<bool>,
     last_seen_ms: AtomicU64,
     started: Instant,
@@ -261,17 +293,19 @@ trait InsertStream {
 impl InsertStream for Arc<Shared> {
     fn insert_stream(&self, st: &mut State, id: StreamId) -> (SendStream, RecvStream) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let credit = Arc::new(Semaphore::new(self.config.initial_window as usize));
-        let (cancelled, cancelled_rx) = watch::channel(false);
+        let signal = Arc::new(StreamSignal {
+            credit: Semaphore::new(self.config.initial_window as usize),
+            cancelled: AtomicBool::new(false),
+            notify: Notify::new(),
+        });
         st.streams.insert(
             id.0,
             Entry {
                 inbound: Some(tx),
-                send_credit: credit.clone(),
+                signal: signal.clone(),
                 recv_remaining: i64::from(self.config.initial_window),
                 local_done: false,
                 remote_done: false,
-                cancelled,
             },
         );
         self.update_active(st);
@@ -279,8 +313,7 @@ impl InsertStream for Arc<Shared> {
             SendStream {
                 id,
                 shared: self.clone(),
-                credit,
-                cancelled: cancelled_rx,
+                signal,
                 done: false,
             },
             RecvStream {
@@ -313,15 +346,16 @@ impl Shared {
 
     fn update_active(&self, st: &State) {
         let n = st.streams.len();
-        self.active.store(n, Ordering::Relaxed);
-        self.active_tx.send_replace(n);
+        self.active.store(n, Ordering::Release);
+        if n == 0 {
+            self.idle.notify_waiters();
+        }
     }
 
     /// Removes a stream, waking anything waiting on its credit or cancellation.
     fn remove(&self, st: &mut State, id: u32) -> Option<Entry> {
         let entry = st.streams.remove(&id)?;
-        entry.send_credit.close();
-        entry.cancelled.send_replace(true);
+        entry.signal.cancel();
         self.update_active(st);
         Some(entry)
     }
@@ -416,7 +450,6 @@ impl Mux {
         let (out, out_rx) = mpsc::unbounded_channel();
         let (ctrl, ctrl_rx) = mpsc::unbounded_channel();
         let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
-        let (active_tx, _) = watch::channel(0);
         let (closed_tx, _) = watch::channel(false);
         let first_id = match config.role {
             Role::Relay => 1,
@@ -434,7 +467,7 @@ impl Mux {
             out,
             ctrl,
             active: AtomicUsize::new(0),
-            active_tx,
+            idle: Notify::new(),
             closed_tx,
             last_seen_ms: AtomicU64::new(0),
             started: Instant::now(),
@@ -462,35 +495,51 @@ impl Mux {
         head: RequestHead,
         spec: Bytes,
     ) -> Result<(SendStream, RecvStream), MuxError> {
+        self.try_open(head, spec).map_err(|(e, _)| e)
+    }
+
+    /// Like [`Mux::open`], but a refusal hands `head` back, so the caller can try another
+    /// connection without having copied it.
+    ///
+    /// # Errors
+    /// As [`Mux::open`], with the head.
+    pub fn try_open(
+        &self,
+        head: RequestHead,
+        spec: Bytes,
+    ) -> Result<(SendStream, RecvStream), (MuxError, RequestHead)> {
         let shared = &self.shared;
-        let halves = {
-            let mut st = shared.lock();
-            if st.closed {
-                return Err(MuxError::Closed);
-            }
-            if st.local_going_away || st.peer_going_away {
-                return Err(MuxError::GoingAway);
-            }
-            if st.streams.len() >= shared.config.max_concurrent_streams as usize {
-                return Err(MuxError::TooManyStreams(
-                    shared.config.max_concurrent_streams,
-                ));
-            }
-            let id = st.next_local_id;
-            if id > u32::MAX - 2 {
-                return Err(MuxError::StreamIdsExhausted);
-            }
-            st.next_local_id += 2;
-            let halves = shared.insert_stream(&mut st, StreamId(id));
-            // Sent under the lock so Open frames leave in id order.
-            shared.send_ordered(Frame::Open(Open {
-                stream: StreamId(id),
+        let mut st = shared.lock();
+        if st.closed {
+            return Err((MuxError::Closed, head));
+        }
+        if st.local_going_away || st.peer_going_away {
+            return Err((MuxError::GoingAway, head));
+        }
+        if st.streams.len() >= shared.config.max_concurrent_streams as usize {
+            return Err((
+                MuxError::TooManyStreams(shared.config.max_concurrent_streams),
                 head,
-                spec,
-            }))?;
-            halves
-        };
-        Ok(halves)
+            ));
+        }
+        let id = st.next_local_id;
+        if id > u32::MAX - 2 {
+            return Err((MuxError::StreamIdsExhausted, head));
+        }
+        // Sent under the lock so Open frames leave in id order.
+        let open = Out::Frame(Frame::Open(Open {
+            stream: StreamId(id),
+            head,
+            spec,
+        }));
+        if let Err(mpsc::error::SendError(open)) = shared.out.send(open) {
+            let Out::Frame(Frame::Open(open)) = open else {
+                unreachable!("the value sent is handed back unchanged")
+            };
+            return Err((MuxError::Closed, open.head));
+        }
+        st.next_local_id += 2;
+        Ok(shared.insert_stream(&mut st, StreamId(id)))
     }
 
     /// Streams currently open on this connection.
@@ -527,14 +576,17 @@ impl Mux {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn drained(&self) {
-        let mut rx = self.shared.active_tx.subscribe();
         let mut closed = self.shared.closed_tx.subscribe();
         loop {
-            if *rx.borrow_and_update() == 0 || *closed.borrow_and_update() {
+            let idle = self.shared.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so the last stream ending in between is seen.
+            idle.as_mut().enable();
+            if self.shared.active.load(Ordering::Acquire) == 0 || *closed.borrow_and_update() {
                 return;
             }
             tokio::select! {
-                r = rx.changed() => if r.is_err() { return },
+                () = &mut idle => {},
                 r = closed.changed() => if r.is_err() { return },
             }
         }
@@ -561,8 +613,7 @@ impl Mux {
 pub struct SendStream {
     id: StreamId,
     shared: Arc<Shared>,
-    credit: Arc<Semaphore>,
-    cancelled: watch::Receiver<bool>,
+    signal: Arc<StreamSignal>,
     done: bool,
 }
 
@@ -596,7 +647,7 @@ impl SendStream {
         headers: Vec<proto::HeaderField>,
         body: proto::BodyKind,
     ) -> Result<(), MuxError> {
-        if self.credit.is_closed() {
+        if self.signal.credit.is_closed() {
             return Err(self.reset_error());
         }
         self.shared.send_ordered(Frame::Response(Response {
@@ -620,6 +671,7 @@ impl SendStream {
         while !data.is_empty() {
             let n = data.len().min(MAX_DATA_CHUNK);
             let stream_permit = self
+                .signal
                 .credit
                 .acquire_many(n as u32)
                 .await
@@ -677,16 +729,14 @@ impl SendStream {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn cancelled(&mut self) {
-        let _ = self.cancelled.wait_for(|c| *c).await;
+        self.signal.cancelled().await;
     }
 
     /// Like [`SendStream::cancelled`], but independent of this handle, so it can be awaited
     /// while the handle is busy sending.
     pub fn cancellation(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.cancelled.clone();
-        async move {
-            let _ = rx.wait_for(|c| *c).await;
-        }
+        let signal = self.signal.clone();
+        async move { signal.cancelled().await }
     }
 }
 
@@ -1302,9 +1352,9 @@ fn dispatch(
             } else {
                 let st = shared.lock();
                 if let Some(entry) = st.streams.get(&stream.0) {
-                    if !entry.send_credit.is_closed() {
-                        guard_credit(entry.send_credit.available_permits(), bytes)?;
-                        entry.send_credit.add_permits(bytes as usize);
+                    if !entry.signal.credit.is_closed() {
+                        guard_credit(entry.signal.credit.available_permits(), bytes)?;
+                        entry.signal.credit.add_permits(bytes as usize);
                     }
                 }
             }
