@@ -12,12 +12,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::problem::Problem;
@@ -216,12 +216,17 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 /// Accepts connections on `listener` until `shutdown`, serving `app` over HTTP/1.1 (with
 /// upgrades, for the agents' WebSocket), through TLS when `acceptor` is set. Every accepted
-/// socket sets TCP_NODELAY.
+/// socket sets TCP_NODELAY. Each connection runs as a task of `connections`; at `shutdown` it
+/// finishes the request in flight and closes (hyper's graceful shutdown).
+///
+/// hyper's own HTTP/1 server is used directly (not hyper-util's protocol-sniffing builder): the
+/// socket then reaches handlers and the agents' WebSocket without extra I/O wrappers, which a
+/// tunnel pays for on every read and write.
 async fn accept_loop(
     listener: &TcpListener,
     acceptor: Option<TlsAcceptor>,
     app: &Router,
-    graceful: &GracefulShutdown,
+    connections: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
     loop {
@@ -240,15 +245,8 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let acceptor = acceptor.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let builder = {
-                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                b.http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT);
-                b.http1_only()
-            };
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
             let service = TowerToHyperService::new(app);
             let result = match acceptor {
                 Some(acceptor) => {
@@ -266,18 +264,39 @@ async fn accept_loop(
                                 return;
                             }
                         };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    watcher.watch(conn.into_owned()).await
+                    serve_http1(TokioIo::new(tls), service, &shutdown).await
                 }
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    watcher.watch(conn.into_owned()).await
-                }
+                None => serve_http1(TokioIo::new(tcp), service, &shutdown).await,
             };
             if let Err(e) = result {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// Serves one HTTP/1.1 connection until it ends; once `shutdown` fires, the request in flight
+/// finishes and the connection closes.
+async fn serve_http1<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    shutdown: &CancellationToken,
+) -> hyper::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     }
 }
 
@@ -338,7 +357,7 @@ pub async fn run(
     println!("airlock-relay listening on {scheme}://{addr}");
     info!(%addr, scheme, "relay ready");
 
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     let plain = match &config.plain_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr)
@@ -351,17 +370,21 @@ pub async fn run(
         }
         None => None,
     };
-    let main_loop = accept_loop(&listener, acceptor, &app, &graceful, &shutdown);
+    let main_loop = accept_loop(&listener, acceptor, &app, &connections, &shutdown);
     match &plain {
         Some(l) => {
-            tokio::join!(main_loop, accept_loop(l, None, &app, &graceful, &shutdown));
+            tokio::join!(
+                main_loop,
+                accept_loop(l, None, &app, &connections, &shutdown)
+            );
         }
         None => main_loop.await,
     }
     info!("shutting down: draining agents and in-flight requests");
     state.shutdown.cancel();
     let drained = tokio::time::timeout(config.shutdown_grace, async {
-        graceful.shutdown().await;
+        connections.close();
+        connections.wait().await;
         while !state.registry.all().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

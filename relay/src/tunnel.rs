@@ -234,16 +234,7 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request) -> Re
     tokio::spawn(
         async move {
             match upgrade.await {
-                Ok(upgraded) => {
-                    let cfg = mux::websocket_config(state.tunnel.max_frame_size as usize);
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        WsRole::Server,
-                        Some(cfg),
-                    )
-                    .await;
-                    serve_session(state, agent, ws).await;
-                }
+                Ok(upgraded) => serve_upgraded(state, agent, upgraded).await,
                 Err(e) => warn!(error = %e, "WebSocket upgrade failed"),
             }
         }
@@ -258,6 +249,43 @@ pub async fn connect(State(state): State<Arc<AppState>>, mut req: Request) -> Re
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
+}
+
+/// Runs a session on an upgraded connection. The WebSocket is built on the socket itself (TLS or
+/// plain TCP) when hyper hands it back, so every tunnel read and write skips hyper's upgrade
+/// wrapper and its dynamic dispatch; bytes hyper had already read are replayed first.
+async fn serve_upgraded(state: Arc<AppState>, agent: AgentRecord, upgraded: hyper::upgrade::Upgraded) {
+    type Tls = TokioIo<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+    type Plain = TokioIo<tokio::net::TcpStream>;
+    let cfg = mux::websocket_config(state.tunnel.max_frame_size as usize);
+    let upgraded = match upgraded.downcast::<Tls>() {
+        Ok(parts) => {
+            let ws = WebSocketStream::from_partially_read(
+                parts.io.into_inner(),
+                parts.read_buf.to_vec(),
+                WsRole::Server,
+                Some(cfg),
+            )
+            .await;
+            return serve_session(state, agent, ws).await;
+        }
+        Err(upgraded) => upgraded,
+    };
+    let upgraded = match upgraded.downcast::<Plain>() {
+        Ok(parts) => {
+            let ws = WebSocketStream::from_partially_read(
+                parts.io.into_inner(),
+                parts.read_buf.to_vec(),
+                WsRole::Server,
+                Some(cfg),
+            )
+            .await;
+            return serve_session(state, agent, ws).await;
+        }
+        Err(upgraded) => upgraded,
+    };
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(cfg)).await;
+    serve_session(state, agent, ws).await;
 }
 
 async fn serve_session<S>(state: Arc<AppState>, agent: AgentRecord, mut ws: S)
