@@ -64,7 +64,8 @@ pub struct AppState {
     pub tunnel: TunnelSettings,
     /// Cancelled when the relay shuts down.
     pub shutdown: CancellationToken,
-    admin_hashes: RwLock<HashSet<String>>,
+    /// Raw SHA-256 digests of the admin tokens ([`crate::token::digest`]).
+    admin_digests: RwLock<HashSet<[u8; 32]>>,
     connections: RwLock<HashMap<String, Arc<CachedConnection>>>,
 }
 
@@ -79,14 +80,19 @@ impl AppState {
         tunnel: TunnelSettings,
         shutdown: CancellationToken,
     ) -> Result<Self, crate::store::StoreError> {
-        let hashes = store.admin_token_hashes().await?.into_iter().collect();
+        let digests = store
+            .admin_token_hashes()
+            .await?
+            .iter()
+            .filter_map(|h| crate::token::digest_of_hash(h))
+            .collect();
         Ok(AppState {
             store,
             registry: Registry::default(),
             engine,
             tunnel,
             shutdown,
-            admin_hashes: RwLock::new(hashes),
+            admin_digests: RwLock::new(digests),
             connections: RwLock::new(HashMap::new()),
         })
     }
@@ -97,12 +103,12 @@ impl AppState {
     /// [`Problem::unauthorized`] (401) when missing or wrong.
     pub fn require_admin(&self, headers: &HeaderMap) -> Result<(), Problem> {
         let token = crate::token::bearer(headers).ok_or_else(Problem::unauthorized)?;
-        let hash = crate::token::hash(token);
+        let digest = crate::token::digest(token);
         let known = self
-            .admin_hashes
+            .admin_digests
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&hash);
+            .contains(&digest);
         if known {
             Ok(())
         } else {
@@ -111,11 +117,13 @@ impl AppState {
     }
 
     /// Remembers a new admin token hash (after storing it).
-    pub fn add_admin_hash(&self, hash: String) {
-        self.admin_hashes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(hash);
+    pub fn add_admin_hash(&self, hash: &str) {
+        if let Some(digest) = crate::token::digest_of_hash(hash) {
+            self.admin_digests
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(digest);
+        }
     }
 
     /// The connection named `name`, from the cache or the store.
@@ -176,6 +184,6 @@ pub(crate) async fn test_state(admin: &str) -> Arc<AppState> {
         .await
         .unwrap(),
     );
-    state.add_admin_hash(hash);
+    state.add_admin_hash(&hash);
     state
 }

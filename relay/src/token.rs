@@ -41,7 +41,20 @@ pub fn generate(prefix: &str) -> String {
 /// Tokens carry 256 bits of entropy, so an unsalted fast hash is enough: nothing can be
 /// brute-forced, and the hash can be looked up by equality in the store.
 pub fn hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
+    hex::encode(digest(token))
+}
+
+/// The SHA-256 of a token, raw (32 bytes): what [`hash`] hex-encodes. For in-memory lookups
+/// on every request, where the hex form would only cost an allocation.
+pub fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The raw digest of a stored [`hash`]; `None` when it is not 64 hex digits.
+pub fn digest_of_hash(hash: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hash, &mut out).ok()?;
+    Some(out)
 }
 
 /// The token of an RFC 6750 §2.1 `Authorization: Bearer <token>` header field.
@@ -111,6 +124,14 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_ne!(hash("a"), hash("b"));
+    }
+
+    #[test]
+    fn raw_digest_matches_the_stored_hash() {
+        let token = generate(ADMIN_PREFIX);
+        assert_eq!(digest_of_hash(&hash(&token)), Some(digest(&token)));
+        assert_eq!(digest_of_hash("abc"), None);
+        assert_eq!(digest_of_hash(&"zz".repeat(32)), None);
     }
 
     #[test]
