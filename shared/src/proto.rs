@@ -357,10 +357,13 @@ pub fn encode(frame: &Frame, max_frame_size: usize) -> Result<Bytes, EncodeError
             buf.put_slice(data);
             buf.freeze()
         }
-        other => Bytes::from(
-            bincode::serde::encode_to_vec(other, config())
-                .map_err(|e| EncodeError::Bincode(e.to_string()))?,
-        ),
+        other => {
+            // Sized up front: growing from empty cost several reallocations per head frame.
+            let mut buf = Vec::with_capacity(encoded_size_hint(other));
+            bincode::serde::encode_into_std_write(other, &mut buf, config())
+                .map_err(|e| EncodeError::Bincode(e.to_string()))?;
+            Bytes::from(buf)
+        }
     };
     if bytes.len() > max_frame_size {
         return Err(EncodeError::TooLarge {
@@ -369,6 +372,23 @@ pub fn encode(frame: &Frame, max_frame_size: usize) -> Result<Bytes, EncodeError
         });
     }
     Ok(bytes)
+}
+
+/// An upper estimate of a frame's encoded size, bytes: its variable-length parts plus 10 bytes
+/// per length prefix or integer (a varint is at most 9 bytes for a `u64`) and a fixed margin.
+fn encoded_size_hint(frame: &Frame) -> usize {
+    fn fields(h: &[HeaderField]) -> usize {
+        h.iter().map(|(n, v)| n.len() + v.len() + 20).sum::<usize>() + 10
+    }
+    64 + match frame {
+        Frame::Open(o) => {
+            o.head.method.len() + o.head.target.len() + fields(&o.head.headers) + o.spec.len() + 40
+        }
+        Frame::Response(r) => fields(&r.headers),
+        Frame::Reset(r) => r.message.len(),
+        Frame::GoAway { reason } => reason.len(),
+        _ => 64,
+    }
 }
 
 /// Decodes the bytes of one WebSocket binary message into a frame.
