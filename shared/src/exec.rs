@@ -1239,7 +1239,10 @@ mod tests {
         h.insert("x-one", HeaderValue::from_static("1"));
         h.insert("x-two", HeaderValue::from_static("2"));
         h.insert("content-length", HeaderValue::from_static("3"));
-        h.insert("proxy-authorization", HeaderValue::from_static("Basic eDp5"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic eDp5"),
+        );
         h.append("x-kept", HeaderValue::from_static("a"));
         h.append("x-kept", HeaderValue::from_static("b"));
         strip_hop_by_hop(&mut h);

@@ -23,7 +23,14 @@ fn agent_example_config_parses() {
 #[test]
 fn shell_scripts_are_valid_bash() {
     let root = airlock_tests::workspace_root();
-    for script in ["deploy/quickstart.sh", "tests/run", ".ci/run"] {
+    for script in [
+        "deploy/quickstart.sh",
+        "deploy/bench/run",
+        "deploy/bench/agents",
+        "deploy/bench/instructions",
+        "tests/run",
+        ".ci/run",
+    ] {
         let status = Command::new("bash")
             .arg("-n")
             .arg(root.join(script))
