@@ -24,10 +24,10 @@
 //! end of the connection every open stream fails with [`ResetCode::ConnectionLost`].
 //! [`Mux::go_away`] drains: the peer may open no new streams, streams in flight finish.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -213,8 +213,11 @@ enum Out {
 }
 
 struct Entry {
-    inbound: Option<mpsc::UnboundedSender<Inbound>>,
-    /// Send credit and the cancellation signal, shared with the stream's [`SendStream`].
+    /// Delivers to the stream's [`RecvStream`]; `None` once the receiver is gone. Dropping it
+    /// tells the receiver that nothing more comes.
+    inbound: Option<InboxSender>,
+    /// Send credit, the cancellation signal and the inbound queue, shared with the stream's
+    /// [`SendStream`] and [`RecvStream`].
     signal: Arc<StreamSignal>,
     /// Bytes the peer may still send on this stream before we return credit.
     recv_remaining: i64,
@@ -222,14 +225,69 @@ struct Entry {
     remote_done: bool,
 }
 
-/// What a stream's sender waits on: its flow-control credit, and the end of the stream (reset or
-/// connection lost). One allocation per stream.
+/// Per-stream state shared by the driver, the [`SendStream`] and the [`RecvStream`]: the send
+/// credit, the end-of-stream signal and the inbound queue. One allocation per stream (a channel
+/// per stream cost two more, one of them over 1 KiB, which pushed glibc's malloc into
+/// consolidating its free lists on every request under load).
 struct StreamSignal {
     /// Bytes this side may still send on the stream; closed when the stream ends.
     credit: Semaphore,
     /// Set once when the stream is removed; `notify` wakes every waiter.
     cancelled: AtomicBool,
     notify: Notify,
+    /// What the peer sent on this stream, not yet taken by the [`RecvStream`].
+    inbox: Mutex<Inbox>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    items: VecDeque<Inbound>,
+    /// The sending side is gone: after `items`, nothing more comes.
+    closed: bool,
+    /// The [`RecvStream`] is gone: deliveries are refused.
+    receiver_gone: bool,
+    waker: Option<Waker>,
+}
+
+impl StreamSignal {
+    fn inbox(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The driver's end of a stream's inbox (what an unbounded channel's sender was).
+struct InboxSender(Arc<StreamSignal>);
+
+impl InboxSender {
+    /// Queues `item` for the receiver and wakes it.
+    ///
+    /// # Errors
+    /// The item back when the receiver is gone.
+    fn send(&self, item: Inbound) -> Result<(), Inbound> {
+        let mut inbox = self.0.inbox();
+        if inbox.receiver_gone {
+            return Err(item);
+        }
+        inbox.items.push_back(item);
+        let waker = inbox.waker.take();
+        drop(inbox);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for InboxSender {
+    fn drop(&mut self) {
+        let mut inbox = self.0.inbox();
+        inbox.closed = true;
+        let waker = inbox.waker.take();
+        drop(inbox);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
 }
 
 impl StreamSignal {
@@ -292,16 +350,16 @@ trait InsertStream {
 
 impl InsertStream for Arc<Shared> {
     fn insert_stream(&self, st: &mut State, id: StreamId) -> (SendStream, RecvStream) {
-        let (tx, rx) = mpsc::unbounded_channel();
         let signal = Arc::new(StreamSignal {
             credit: Semaphore::new(self.config.initial_window as usize),
             cancelled: AtomicBool::new(false),
             notify: Notify::new(),
+            inbox: Mutex::new(Inbox::default()),
         });
         st.streams.insert(
             id.0,
             Entry {
-                inbound: Some(tx),
+                inbound: Some(InboxSender(signal.clone())),
                 signal: signal.clone(),
                 recv_remaining: i64::from(self.config.initial_window),
                 local_done: false,
@@ -313,13 +371,13 @@ impl InsertStream for Arc<Shared> {
             SendStream {
                 id,
                 shared: self.clone(),
-                signal,
+                signal: signal.clone(),
                 done: false,
             },
             RecvStream {
                 id,
                 shared: self.clone(),
-                rx,
+                signal,
                 unreturned: 0,
                 finished: false,
             },
@@ -776,7 +834,7 @@ fn reset_stream(shared: &Shared, id: StreamId, code: ResetCode, message: &str) {
 pub struct RecvStream {
     id: StreamId,
     shared: Arc<Shared>,
-    rx: mpsc::UnboundedReceiver<Inbound>,
+    signal: Arc<StreamSignal>,
     unreturned: u32,
     finished: bool,
 }
@@ -793,17 +851,30 @@ impl RecvStream {
         if self.finished {
             return Poll::Ready(None);
         }
-        let item = match self.rx.poll_recv(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => {
-                self.finished = true;
-                // The entry was removed without a message: only on connection loss.
-                return Poll::Ready(Some(Inbound::Reset {
-                    code: ResetCode::ConnectionLost,
-                    message: "tunnel connection lost".into(),
-                }));
+        let item = {
+            let mut inbox = self.signal.inbox();
+            match inbox.items.pop_front() {
+                Some(item) => item,
+                None if inbox.closed => {
+                    drop(inbox);
+                    self.finished = true;
+                    // The entry was removed without a message: only on connection loss.
+                    return Poll::Ready(Some(Inbound::Reset {
+                        code: ResetCode::ConnectionLost,
+                        message: "tunnel connection lost".into(),
+                    }));
+                }
+                None => {
+                    if !inbox
+                        .waker
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        inbox.waker = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
             }
-            Poll::Ready(Some(item)) => item,
         };
         match &item {
             Inbound::Data(data) => self.release(data.len()),
@@ -843,13 +914,20 @@ impl RecvStream {
 
 impl Drop for RecvStream {
     fn drop(&mut self) {
-        // Return the connection credit of whatever was delivered but never taken.
-        let mut buffered = 0;
-        while let Ok(item) = self.rx.try_recv() {
-            if let Inbound::Data(d) = item {
-                buffered += d.len();
-            }
-        }
+        // Refuse further deliveries (the driver then returns their credit itself), and return
+        // the connection credit of whatever was delivered but never taken.
+        let buffered: usize = {
+            let mut inbox = self.signal.inbox();
+            inbox.receiver_gone = true;
+            inbox.waker = None;
+            std::mem::take(&mut inbox.items)
+                .into_iter()
+                .map(|item| match item {
+                    Inbound::Data(d) => d.len(),
+                    _ => 0,
+                })
+                .sum()
+        };
         self.shared.release_connection(buffered);
         if self.finished {
             return;
@@ -869,6 +947,19 @@ impl Drop for RecvStream {
         } else {
             // Keep sending; discard what the peer still sends (credit returned on arrival).
             entry.inbound = None;
+            // Give back the stream window held by what was delivered but never read, and by what
+            // was read but not yet returned: otherwise a sender with a full window would wait
+            // forever for credit nobody is left to return.
+            let owed = buffered as u64 + u64::from(self.unreturned);
+            if owed > 0 && !entry.remote_done {
+                let owed = owed.min(u64::from(u32::MAX)) as u32;
+                entry.recv_remaining += i64::from(owed);
+                drop(st);
+                self.shared.send_ctrl(Frame::Credit {
+                    stream: self.id,
+                    bytes: owed,
+                });
+            }
         }
     }
 }
@@ -1563,6 +1654,53 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(p.relay.active_streams(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_reader_gives_back_the_connection_window() {
+        let mut p = pair().await;
+        // The relay keeps its request half open, so dropping its reader does not reset the
+        // stream: what the agent still sends is discarded and its credit returned.
+        let (_send_a, recv_a) = p.relay.open(head("/a"), Bytes::new()).unwrap();
+        let mut a = p.incoming.accept().await.unwrap();
+        a.send
+            .send_response(200, vec![], BodyKind::Streamed)
+            .unwrap();
+        // A full stream window (128 KiB) delivered and never read...
+        a.send
+            .send_data(Bytes::from(vec![7u8; 128 * 1024]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(recv_a);
+        // ...then 1 MiB more, 4x the connection window: only possible if both come back.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            a.send.send_data(Bytes::from(vec![7u8; 1024 * 1024])),
+        )
+        .await
+        .expect("credit of discarded data was returned")
+        .unwrap();
+        // A second stream can still use the whole connection window.
+        let (send_b, mut recv_b) = p.relay.open(head("/b"), Bytes::new()).unwrap();
+        send_b.finish().unwrap();
+        let mut b = p.incoming.accept().await.unwrap();
+        b.send
+            .send_response(200, vec![], BodyKind::Streamed)
+            .unwrap();
+        let writer = tokio::spawn(async move {
+            b.send
+                .send_data(Bytes::from(vec![9u8; 512 * 1024]))
+                .await
+                .unwrap();
+            b.send.finish().unwrap();
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), read_body(&mut recv_b))
+            .await
+            .expect("second stream not starved")
+            .unwrap();
+        assert_eq!(got.len(), 512 * 1024);
+        writer.await.unwrap();
     }
 
     #[tokio::test]
