@@ -355,6 +355,27 @@ fn proxy_target(uri: &http::Uri, name: &str) -> Option<String> {
     })
 }
 
+/// The connection name of a proxy path (`/v1/connections/{name}/proxy`, `…/proxy/` or
+/// `…/proxy/{*path}`), taken from the raw path. `None` for any other path, and for a name with
+/// a `%` (percent-decoding is left to the router).
+pub fn route_name(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/connections/")?;
+    let (name, rest) = rest.split_once('/')?;
+    if name.is_empty() || name.contains('%') {
+        return None;
+    }
+    let after = rest.strip_prefix("proxy")?;
+    (after.is_empty() || after.starts_with('/')).then_some(name)
+}
+
+/// Serves a proxy request for the connection `name` (see [`route_name`]).
+pub async fn serve(state: &AppState, name: String, req: Request) -> Response {
+    match proxy_inner(state, vec![("name".to_string(), name)], req).await {
+        Ok(r) => r,
+        Err(p) => p.into_response(),
+    }
+}
+
 /// `ANY /v1/connections/{name}/proxy/{*path}`.
 pub async fn proxy(
     State(state): State<Arc<AppState>>,
@@ -543,6 +564,26 @@ mod tests {
         assert_eq!(proxy_target(&uri, "c1").unwrap(), "/");
         let uri: http::Uri = "/v1/connections/c1/proxyx".parse().unwrap();
         assert!(proxy_target(&uri, "c1").is_none());
+    }
+
+    #[test]
+    fn proxy_route_names() {
+        for (path, name) in [
+            ("/v1/connections/c1/proxy", Some("c1")),
+            ("/v1/connections/c1/proxy/", Some("c1")),
+            (
+                "/v1/connections/jira-prod/proxy/rest/api/2?x=1",
+                Some("jira-prod"),
+            ),
+            ("/v1/connections/c1/proxyx", None),
+            ("/v1/connections/c1/test", None),
+            ("/v1/connections//proxy", None),
+            ("/v1/connections/c1", None),
+            ("/v1/connections/c%31/proxy", None),
+            ("/v1/agents/c1/proxy", None),
+        ] {
+            assert_eq!(route_name(path), name, "{path}");
+        }
     }
 
     #[test]

@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -214,6 +213,37 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// What every connection is served with: the proxy route directly, everything else through the
+/// router.
+///
+/// The main job skips axum's router: matching the route, extracting parameters and boxing the
+/// handler cost about 8 % of the relay's instructions per proxied request. The router still
+/// declares the proxy routes (for the OpenAPI description and for names that need
+/// percent-decoding, which [`crate::proxy::route_name`] leaves to it).
+#[derive(Clone)]
+struct RelayService {
+    state: Arc<AppState>,
+    router: Router,
+}
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for RelayService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let req = req.map(axum::body::Body::new);
+        if let Some(name) = crate::proxy::route_name(req.uri().path()) {
+            let name = name.to_string();
+            let state = self.state.clone();
+            return Box::pin(async move { Ok(crate::proxy::serve(&state, name, req).await) });
+        }
+        let router = self.router.clone();
+        Box::pin(async move { tower::ServiceExt::oneshot(router, req).await })
+    }
+}
+
 /// Accepts connections on `listener` until `shutdown`, serving `app` over HTTP/1.1 (with
 /// upgrades, for the agents' WebSocket), through TLS when `acceptor` is set. Every accepted
 /// socket sets TCP_NODELAY. Each connection runs as a task of `connections`; at `shutdown` it
@@ -225,7 +255,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 async fn accept_loop(
     listener: &TcpListener,
     acceptor: Option<TlsAcceptor>,
-    app: &Router,
+    app: &RelayService,
     connections: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
@@ -247,7 +277,7 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let service = TowerToHyperService::new(app);
+            let service = app;
             let result = match acceptor {
                 Some(acceptor) => {
                     let tls =
@@ -279,7 +309,7 @@ async fn accept_loop(
 /// finishes and the connection closes.
 async fn serve_http1<I>(
     io: I,
-    service: TowerToHyperService<Router>,
+    service: RelayService,
     shutdown: &CancellationToken,
 ) -> hyper::Result<()>
 where
@@ -352,7 +382,10 @@ pub async fn run(
         )
         .await?,
     );
-    let app = router(state.clone());
+    let app = RelayService {
+        state: state.clone(),
+        router: router(state.clone()),
+    };
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     println!("airlock-relay listening on {scheme}://{addr}");
     info!(%addr, scheme, "relay ready");
