@@ -367,7 +367,9 @@ async fn handle_stream(
     let spec = match cached {
         Some(spec) => spec,
         None => {
-            let raw = spec.clone();
+            // A copy: `spec` is a slice of the received message, and a cache key must not keep
+            // that whole read buffer alive.
+            let raw = Bytes::copy_from_slice(&spec);
             let spec: ConnectionSpec = match serde_json::from_slice(&spec) {
                 Ok(s) => s,
                 Err(e) => {

@@ -407,6 +407,41 @@ pub fn decode(bytes: &Bytes, max_frame_size: usize) -> Result<Frame, DecodeError
             max: max_frame_size,
         });
     }
+    // Head frames: decoded borrowing from `bytes`, so header values and the spec become slices
+    // of the message instead of one copy each.
+    match bincode::serde::decode_from_slice::<u32, _>(bytes, config()) {
+        Ok((OPEN_VARIANT, _)) => {
+            let ((_, open), used) =
+                bincode::serde::borrow_decode_from_slice::<(u32, OpenRef<'_>), _>(bytes, config())
+                    .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+            check_used(bytes, used)?;
+            return Ok(Frame::Open(Open {
+                stream: open.stream,
+                head: RequestHead {
+                    method: open.head.method.to_string(),
+                    target: open.head.target.to_string(),
+                    headers: owned_fields(bytes, &open.head.headers),
+                    body: open.head.body,
+                },
+                spec: bytes.slice_ref(open.spec),
+            }));
+        }
+        Ok((RESPONSE_VARIANT, _)) => {
+            let ((_, resp), used) = bincode::serde::borrow_decode_from_slice::<
+                (u32, ResponseRef<'_>),
+                _,
+            >(bytes, config())
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+            check_used(bytes, used)?;
+            return Ok(Frame::Response(Response {
+                stream: resp.stream,
+                status: resp.status,
+                headers: owned_fields(bytes, &resp.headers),
+                body: resp.body,
+            }));
+        }
+        _ => {}
+    }
     // Fast path for the hot frame: read the header with bincode, slice the payload.
     if let Ok(((variant, stream, len), header)) =
         bincode::serde::decode_from_slice::<(u32, u32, u64), _>(bytes, config())
@@ -430,10 +465,56 @@ pub fn decode(bytes: &Bytes, max_frame_size: usize) -> Result<Frame, DecodeError
     }
     let (frame, used) = bincode::serde::decode_from_slice::<Frame, _>(bytes, config())
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    check_used(bytes, used)?;
+    Ok(frame)
+}
+
+fn check_used(bytes: &Bytes, used: usize) -> Result<(), DecodeError> {
     if used != bytes.len() {
         return Err(DecodeError::TrailingBytes(bytes.len() - used));
     }
-    Ok(frame)
+    Ok(())
+}
+
+/// Variant indexes of [`Frame::Open`] and [`Frame::Response`] on the wire.
+const OPEN_VARIANT: u32 = 3;
+const RESPONSE_VARIANT: u32 = 4;
+
+/// [`RequestHead`] as it lies in a message: the same fields in the same order, borrowed.
+#[derive(Deserialize)]
+struct RequestHeadRef<'a> {
+    method: &'a str,
+    target: &'a str,
+    #[serde(borrow)]
+    headers: Vec<(&'a str, &'a [u8])>,
+    body: BodyKind,
+}
+
+/// [`Open`], borrowed.
+#[derive(Deserialize)]
+struct OpenRef<'a> {
+    stream: StreamId,
+    #[serde(borrow)]
+    head: RequestHeadRef<'a>,
+    spec: &'a [u8],
+}
+
+/// [`Response`], borrowed.
+#[derive(Deserialize)]
+struct ResponseRef<'a> {
+    stream: StreamId,
+    status: u16,
+    #[serde(borrow)]
+    headers: Vec<(&'a str, &'a [u8])>,
+    body: BodyKind,
+}
+
+/// Header fields whose values are slices of `bytes` (which `fields` borrow from).
+fn owned_fields(bytes: &Bytes, fields: &[(&str, &[u8])]) -> Vec<HeaderField> {
+    fields
+        .iter()
+        .map(|(n, v)| ((*n).to_string(), bytes.slice_ref(v)))
+        .collect()
 }
 
 #[cfg(test)]
