@@ -234,6 +234,34 @@ async fn spawn(
     .await
 }
 
+/// An enrolled agent process that the relay sees online.
+pub struct OnlineAgent {
+    /// The agent process.
+    pub agent: Agent,
+    /// Its enrolment id.
+    pub id: String,
+    /// Its token.
+    pub token: String,
+}
+
+/// Enrols agent `name` in `group` on `relay`, starts it with `options` and waits until the relay
+/// lists it online.
+///
+/// # Errors
+///
+/// Enrolment or start-up failures, or the agent not coming online within 30 s.
+pub async fn start_online_agent(
+    relay: &Relay,
+    name: &str,
+    group: &str,
+    options: AgentOptions,
+) -> anyhow::Result<OnlineAgent> {
+    let (id, token) = relay.create_agent(name, group).await?;
+    let agent = Agent::start(relay, &token, options).await?;
+    wait_agent_online(relay, &id).await?;
+    Ok(OnlineAgent { agent, id, token })
+}
+
 /// Polls `GET /v1/agents` until the agent `agent_id` is `online`, and returns its entry.
 ///
 /// # Errors

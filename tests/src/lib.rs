@@ -53,7 +53,9 @@ mod upstream;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 
-pub use agent::{wait_agent_online, wait_agent_status, Agent, AgentOptions};
+pub use agent::{
+    start_online_agent, wait_agent_online, wait_agent_status, Agent, AgentOptions, OnlineAgent,
+};
 pub use certs::{Issued, TestCa};
 pub use eventually::{eventually, EVENTUALLY_TIMEOUT, POLL_INTERVAL};
 pub use httpbin::{venv_dir, Httpbin, HttpbinOptions};
@@ -200,21 +202,20 @@ impl Tunnel {
     /// Any start-up failure of the relay or the agent, or the agent not coming online.
     pub async fn start(allow: &[String]) -> anyhow::Result<Tunnel> {
         let relay = Relay::start(RelayOptions::default()).await?;
-        let (agent_id, token) = relay.create_agent("a1", "dc1").await?;
-        let agent = Agent::start(
+        let OnlineAgent { agent, id, token } = start_online_agent(
             &relay,
-            &token,
+            "a1",
+            "dc1",
             AgentOptions {
                 allow: allow.to_vec(),
                 ..AgentOptions::default()
             },
         )
         .await?;
-        wait_agent_online(&relay, &agent_id).await?;
         Ok(Tunnel {
             relay,
             agent,
-            agent_id,
+            agent_id: id,
             token,
         })
     }

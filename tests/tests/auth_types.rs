@@ -5,7 +5,8 @@
 //! another origin carries none of them; malformed definitions are refused when saved.
 
 use airlock_tests::{
-    wait_agent_online, Agent, AgentOptions, Httpbin, HttpbinOptions, Relay, RelayOptions,
+    start_online_agent, Agent, AgentOptions, Httpbin, HttpbinOptions, OnlineAgent, Relay,
+    RelayOptions,
 };
 use base64::Engine as _;
 use reqwest::{Method, StatusCode};
@@ -72,10 +73,10 @@ async fn setup() -> Setup {
     let config = dir.join("agent.toml");
     std::fs::write(&config, AGENT_TOML).unwrap();
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let (id, token) = relay.create_agent("a1", "dc1").await.unwrap();
-    let agent = Agent::start(
+    let OnlineAgent { agent, .. } = start_online_agent(
         &relay,
-        &token,
+        "a1",
+        "dc1",
         AgentOptions {
             allow: vec![a.addr.to_string(), b.addr.to_string()],
             args: vec!["--config".into(), config.display().to_string()],
@@ -85,7 +86,6 @@ async fn setup() -> Setup {
     )
     .await
     .unwrap();
-    wait_agent_online(&relay, &id).await.unwrap();
     Setup {
         relay,
         agent,

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use airlock_tests::{require_netns, wait_agent_online, Agent, AgentOptions, Httpbin, Netns, Relay};
+use airlock_tests::{
+    require_netns, start_online_agent, AgentOptions, Httpbin, Netns, OnlineAgent, Relay,
+};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -54,10 +56,10 @@ async fn the_private_app_is_reachable_only_through_the_agent() {
     );
 
     // Through an agent in namespace A it works.
-    let (id, token) = relay.create_agent("fw-agent", "dc1").await.unwrap();
-    let _agent = Agent::start(
+    let OnlineAgent { agent: _agent, .. } = start_online_agent(
         &relay,
-        &token,
+        "fw-agent",
+        "dc1",
         AgentOptions {
             allow: vec![httpbin.addr.to_string()],
             ..ns.agent_options()
@@ -65,7 +67,6 @@ async fn the_private_app_is_reachable_only_through_the_agent() {
     )
     .await
     .unwrap();
-    wait_agent_online(&relay, &id).await.unwrap();
     relay
         .create_connection(&json!({
             "name": "private",

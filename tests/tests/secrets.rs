@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use airlock_tests::{wait_agent_online, Agent, AgentOptions, Httpbin, Relay, RelayOptions};
+use airlock_tests::{
+    start_online_agent, wait_agent_online, AgentOptions, Httpbin, OnlineAgent, Relay, RelayOptions,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -214,10 +216,14 @@ async fn secrets_appear_nowhere_but_keep_working() {
     })
     .await
     .unwrap();
-    let (agent_id, token) = relay.create_agent("a1", "dc1").await.unwrap();
-    let agent = Agent::start(
+    let OnlineAgent {
+        agent,
+        id: agent_id,
+        ..
+    } = start_online_agent(
         &relay,
-        &token,
+        "a1",
+        "dc1",
         AgentOptions {
             allow: vec![httpbin.addr.to_string()],
             env: debug.clone(),
@@ -226,7 +232,6 @@ async fn secrets_appear_nowhere_but_keep_working() {
     )
     .await
     .unwrap();
-    wait_agent_online(&relay, &agent_id).await.unwrap();
     let mut seen = Seen::default();
 
     // ---- create: one connection per auth type, through the agent and public ----

@@ -6,8 +6,8 @@
 
 use airlock_tests::certs::{rsa_key_pkcs8, traditional_key, IssueOptions};
 use airlock_tests::{
-    wait_agent_online, Agent, AgentOptions, Issued, Nginx, NginxOptions, Relay, RelayOptions,
-    TestCa,
+    start_online_agent, Agent, AgentOptions, Issued, Nginx, NginxOptions, OnlineAgent, Relay,
+    RelayOptions, TestCa,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -35,10 +35,10 @@ async fn setup(agent_args: Vec<String>) -> Setup {
     .await
     .unwrap();
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let (id, token) = relay.create_agent("a1", "dc1").await.unwrap();
-    let agent = Agent::start(
+    let OnlineAgent { agent, .. } = start_online_agent(
         &relay,
-        &token,
+        "a1",
+        "dc1",
         AgentOptions {
             allow: vec![
                 nginx.addr.to_string(),
@@ -52,7 +52,6 @@ async fn setup(agent_args: Vec<String>) -> Setup {
     )
     .await
     .unwrap();
-    wait_agent_online(&relay, &id).await.unwrap();
     Setup {
         relay,
         agent,
@@ -392,10 +391,10 @@ async fn agent_profile_holds_the_client_certificate() {
     .await
     .unwrap();
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let (id, token) = relay.create_agent("a1", "dc1").await.unwrap();
-    let agent = Agent::start(
+    let OnlineAgent { agent, .. } = start_online_agent(
         &relay,
-        &token,
+        "a1",
+        "dc1",
         AgentOptions {
             allow: vec![nginx.addr.to_string()],
             args: vec![
@@ -408,7 +407,6 @@ async fn agent_profile_holds_the_client_certificate() {
     )
     .await
     .unwrap();
-    wait_agent_online(&relay, &id).await.unwrap();
     let definition = json!({
         "name": "nginx-profile",
         "base_url": nginx.url,

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use airlock_tests::pattern::{pattern_sha256, sha256_hex};
 use airlock_tests::{
-    assert_eventually, wait_agent_online, wait_agent_status, Agent, AgentOptions, Httpbin, Relay,
-    RelayOptions, Tunnel, Upstream,
+    assert_eventually, start_online_agent, wait_agent_online, wait_agent_status, Agent,
+    AgentOptions, Httpbin, OnlineAgent, Relay, RelayOptions, Tunnel, Upstream,
 };
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -549,10 +549,10 @@ async fn clients_may_use_a_plain_listener_while_agents_use_tls() {
     })
     .await
     .unwrap();
-    let (id, token) = relay.create_agent("a1", "dc1").await.unwrap();
-    let _agent = Agent::start(
+    let OnlineAgent { agent: _agent, .. } = start_online_agent(
         &relay,
-        &token,
+        "a1",
+        "dc1",
         AgentOptions {
             allow: vec![upstream.addr.to_string()],
             ..AgentOptions::default()
@@ -560,7 +560,6 @@ async fn clients_may_use_a_plain_listener_while_agents_use_tls() {
     )
     .await
     .unwrap();
-    wait_agent_online(&relay, &id).await.unwrap();
     relay
         .create_connection(&private_connection(
             "up",
