@@ -369,8 +369,8 @@ pub fn route_name(path: &str) -> Option<&str> {
 }
 
 /// Serves a proxy request for the connection `name` (see [`route_name`]).
-pub async fn serve(state: &AppState, name: String, req: Request) -> Response {
-    match proxy_inner(state, vec![("name".to_string(), name)], req).await {
+pub async fn serve(state: &AppState, name: &str, req: Request) -> Response {
+    match proxy_inner(state, name, req).await {
         Ok(r) => r,
         Err(p) => p.into_response(),
     }
@@ -382,25 +382,21 @@ pub async fn proxy(
     axum::extract::Path(params): axum::extract::Path<Vec<(String, String)>>,
     req: Request,
 ) -> Response {
-    match proxy_inner(&state, params, req).await {
+    let name = params
+        .iter()
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    match proxy_inner(&state, name, req).await {
         Ok(r) => r,
         Err(p) => p.into_response(),
     }
 }
 
-async fn proxy_inner(
-    state: &AppState,
-    params: Vec<(String, String)>,
-    req: Request,
-) -> Result<Response, Problem> {
+async fn proxy_inner(state: &AppState, name: &str, req: Request) -> Result<Response, Problem> {
     state.require_admin(req.headers())?;
-    let name = params
-        .iter()
-        .find(|(k, _)| k == "name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    let conn = state.connection(&name).await?;
-    let target = proxy_target(req.uri(), &name).ok_or_else(|| {
+    let conn = state.connection(name).await?;
+    let target = proxy_target(req.uri(), name).ok_or_else(|| {
         Problem::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",

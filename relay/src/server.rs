@@ -237,7 +237,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for RelayServ
         if let Some(name) = crate::proxy::route_name(req.uri().path()) {
             let name = name.to_string();
             let state = self.state.clone();
-            return Box::pin(async move { Ok(crate::proxy::serve(&state, name, req).await) });
+            return Box::pin(async move { Ok(crate::proxy::serve(&state, &name, req).await) });
         }
         let router = self.router.clone();
         Box::pin(async move { tower::ServiceExt::oneshot(router, req).await })
