@@ -104,6 +104,7 @@ pub fn main() -> ExitCode {
             tracing::info!("signal received; draining");
             trigger.cancel();
         });
+        airlock_shared::runtime::spawn_idle_heap_trim();
         // On a worker thread, not the main thread inside `block_on`: otherwise every stream the
         // session loop accepts hops from the main thread to a worker (a context switch each).
         let run = tokio::spawn(tunnel::run(config, status, shutdown));

@@ -63,6 +63,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         config::Command::Serve(args) => {
             init_tracing(args.log_format == "json");
+            airlock_shared::runtime::tune_heap_for_bulk();
             let config = match server::RelayConfig::try_from(&args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -84,6 +85,7 @@ pub fn main() -> ExitCode {
                     tracing::info!("signal received; shutting down");
                     trigger.cancel();
                 });
+                airlock_shared::runtime::spawn_idle_heap_trim();
                 // On a worker thread, not the main thread inside `block_on`, so accepted
                 // connections do not hop threads.
                 let run = tokio::spawn(server::run(config, listener, shutdown));

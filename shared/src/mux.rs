@@ -348,8 +348,19 @@ trait InsertStream {
     fn insert_stream(&self, st: &mut State, id: StreamId) -> (SendStream, RecvStream);
 }
 
+/// Streams opened or accepted by every multiplexer in this process since it started.
+static STREAMS_STARTED: AtomicU64 = AtomicU64::new(0);
+
+/// How many streams every [`Mux`] in this process has opened or accepted since it started: a
+/// cheap activity signal (one relaxed atomic add per stream), read by
+/// [`crate::runtime::spawn_idle_heap_trim`] to tell busy from idle.
+pub fn streams_started() -> u64 {
+    STREAMS_STARTED.load(Ordering::Relaxed)
+}
+
 impl InsertStream for Arc<Shared> {
     fn insert_stream(&self, st: &mut State, id: StreamId) -> (SendStream, RecvStream) {
+        STREAMS_STARTED.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(StreamSignal {
             credit: Semaphore::new(self.config.initial_window as usize),
             cancelled: AtomicBool::new(false),

@@ -44,6 +44,58 @@ pub fn build() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Heap settings for a process that forwards large bodies (the relay): glibc's malloc serves
+/// blocks up to 1 MiB from the heap instead of mapping each one afresh, and keeps up to 4 MiB of
+/// free space at the top of the heap instead of handing it back to the OS after every large free.
+/// Does nothing with other C libraries.
+///
+/// Why: with glibc's defaults the relay forwarding 1 MiB bodies at concurrency 4 took about 120
+/// page faults per request (each a kernel entry and a zeroed 4 KiB page): rustls copies every
+/// received TLS record (up to 16 KiB) into a fresh buffer, and that buffer kept landing in memory
+/// the heap had just returned to the OS. With these settings the same load takes no page faults
+/// and the relay's CPU time per 1 MiB request fell by about 30 % (`deploy/bench`, side by side).
+/// Setting either threshold turns off glibc's own sliding thresholds, so both are set.
+/// [`spawn_idle_heap_trim`] gives the memory held back to the OS once the process is idle.
+pub fn tune_heap_for_bulk() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only changes malloc's parameters; glibc serialises it with allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 * 1024 * 1024);
+    }
+}
+
+/// How often [`spawn_idle_heap_trim`] looks for idleness: 500 ms.
+pub const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Spawns a task that gives free heap memory back to the OS once the process goes idle: every
+/// [`HEAP_TRIM_INTERVAL`], if streams were started since the last trim but none during the last
+/// interval ([`crate::mux::streams_started`]), it calls glibc's `malloc_trim(0)` (which also
+/// releases free pages inside the heap, not only at its top). So buffers grown under load do
+/// not stay resident while the process waits for work. Does nothing with other C libraries.
+/// Call it inside a tokio runtime.
+pub fn spawn_idle_heap_trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(HEAP_TRIM_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = crate::mux::streams_started();
+        let mut trimmed_at = seen;
+        loop {
+            tick.tick().await;
+            let now = crate::mux::streams_started();
+            if now == seen && now != trimmed_at {
+                // SAFETY: `malloc_trim` has no preconditions; glibc locks each arena it trims.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+                trimmed_at = now;
+            }
+            seen = now;
+        }
+    });
+}
+
 /// Resolves at the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
