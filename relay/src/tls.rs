@@ -634,6 +634,52 @@ mod tests {
         assert!(err.to_string().contains("UnknownIssuer"), "{err}");
     }
 
+    /// The tunnel's suite is what the agent's provider offers first (the server follows the
+    /// client's order): AES-128-GCM, cheaper per byte than AES-256-GCM.
+    #[tokio::test]
+    async fn an_agent_and_the_relay_agree_on_aes_128_gcm() {
+        let dir = TempDir::new("suite");
+        let tls = dev_tls(&dir.0, &[]).unwrap();
+        let ca_pem = std::fs::read_to_string(&tls.ca_path).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let client =
+            rustls::ClientConfig::builder_with_provider(airlock_shared::exec::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let (client_io, server_io) = tokio::io::duplex(16 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+            server_config(&tls.cert_pem, &tls.key_pem).unwrap(),
+        ));
+        let server = tokio::spawn(async move {
+            let stream = acceptor.accept(server_io).await.unwrap();
+            stream
+                .get_ref()
+                .1
+                .negotiated_cipher_suite()
+                .map(|s| s.suite())
+        });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let stream = connector
+            .connect(ServerName::try_from("localhost").unwrap(), client_io)
+            .await
+            .unwrap();
+        let client_suite = stream
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|s| s.suite());
+        assert_eq!(
+            client_suite,
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert_eq!(server.await.unwrap(), client_suite);
+    }
+
     #[test]
     fn missing_ca_pieces() {
         let dir = TempDir::new("pieces");

@@ -534,9 +534,26 @@ pub fn parse_private_key(pem: &str) -> Result<rustls::pki_types::PrivateKeyDer<'
     }
 }
 
-/// rustls with the ring provider, for every TLS configuration Airlock builds.
+/// rustls with the ring provider, for every TLS configuration Airlock builds, offering the
+/// AES-128-GCM suites first: TLS 1.3 `TLS_AES_128_GCM_SHA256` (RFC 8446 section 9.1, the suite
+/// every TLS 1.3 implementation must support), then ring's usual order (AES-256-GCM,
+/// ChaCha20-Poly1305; for TLS 1.2, ECDHE AES-128-GCM first likewise).
+///
+/// AES-128 runs 10 rounds per block where AES-256 runs 14, so bulk transfers through the tunnel
+/// spend less time in encryption. rustls servers follow the client's order by default, so an
+/// agent's preference decides the tunnel's suite.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    // A stable sort: AES-128-GCM suites move ahead, everything else keeps its order.
+    provider.cipher_suites.sort_by_key(|suite| {
+        !matches!(
+            suite.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    Arc::new(provider)
 }
 
 /// A server certificate verifier that accepts any certificate: `tls.insecure_skip_verify`.
@@ -1206,6 +1223,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_provider_offers_aes_128_gcm_first_and_keeps_every_suite() {
+        let ours: Vec<_> = crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let ring: Vec<_> = rustls::crypto::ring::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(ours[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let mut sorted_ours = ours.clone();
+        let mut sorted_ring = ring.clone();
+        sorted_ours.sort_by_key(|s| u16::from(*s));
+        sorted_ring.sort_by_key(|s| u16::from(*s));
+        assert_eq!(sorted_ours, sorted_ring, "no suite added or lost");
+        // Among TLS 1.2 suites, AES-128-GCM also comes before AES-256-GCM.
+        let pos = |suite| ours.iter().position(|s| *s == suite).unwrap();
+        assert!(
+            pos(rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)
+                < pos(rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384)
+        );
+    }
 
     #[test]
     fn joins_base_and_target() {
