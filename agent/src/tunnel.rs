@@ -408,7 +408,8 @@ async fn handle_stream(
             spec
         }
     };
-    let path = head.target.split('?').next().unwrap_or("/").to_string();
+    // For logs only: the query may carry secrets.
+    let path = head.target.split('?').next().unwrap_or("/");
     debug!(%stream_id, method = %head.method, %path, connection = %spec.name, "executing");
     let body = match head.body {
         BodyKind::Empty => None,
