@@ -30,7 +30,8 @@
 //! and sent back as is.
 //!
 //! Request errors: a `Content-Type` other than `application/json` (or `application/*+json`) is
-//! 415 `unsupported_media_type`; a body over [`MAX_BODY_BYTES`] is 413 `payload_too_large`;
+//! 415 `unsupported_media_type`; a body over [`MAX_BODY_BYTES`] is 413 `payload_too_large`; a
+//! body that has not fully arrived after [`BODY_READ_TIMEOUT`] is 408 `request_timeout`;
 //! malformed JSON is 400 `malformed_json` (with line and column); a missing, unknown or mistyped
 //! field and a failed validation are 422 `invalid_field` with `"field"` naming it. Error details
 //! never echo request values. Everything is validated before the store is called, so nothing is
@@ -59,6 +60,11 @@ use crate::tunnel::SessionInfo;
 
 /// Largest accepted request body: 1 MiB. Larger bodies are answered 413 `payload_too_large`.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How long the API waits for a whole request body: 30 s. A client that stalls, or declares a
+/// `Content-Length` it never sends, is answered 408 `request_timeout` (RFC 9110 §15.5.9) and its
+/// connection is not reused, instead of holding the connection open.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The management API's routes, with `state` applied. Merge into the relay's router.
 ///
@@ -145,8 +151,17 @@ fn payload_too_large() -> Problem {
     )
 }
 
-/// Checks the content type, reads at most [`MAX_BODY_BYTES`] and parses a JSON object.
+/// Checks the content type, reads at most [`MAX_BODY_BYTES`] within [`BODY_READ_TIMEOUT`] and
+/// parses a JSON object.
 async fn read_json(headers: &HeaderMap, body: Body) -> Result<Value, Problem> {
+    read_json_within(headers, body, BODY_READ_TIMEOUT).await
+}
+
+async fn read_json_within(
+    headers: &HeaderMap,
+    body: Body,
+    timeout: std::time::Duration,
+) -> Result<Value, Problem> {
     if !is_json_content_type(headers) {
         return Err(Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -161,10 +176,18 @@ async fn read_json(headers: &HeaderMap, body: Body) -> Result<Value, Problem> {
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(payload_too_large());
     }
-    let bytes: Bytes = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
+    let read = http_body_util::Limited::new(body, MAX_BODY_BYTES).collect();
+    let Ok(read) = tokio::time::timeout(timeout, read).await else {
+        return Err(Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ),
+        ));
+    };
+    let bytes: Bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
@@ -1067,6 +1090,45 @@ mod tests {
 
         // Nothing was stored by any of the failures.
         assert!(state.store.list_connections().await.unwrap().is_empty());
+    }
+
+    /// A client that declares more body than it sends (or stalls mid-body) gets 408 with a
+    /// problem body and `Connection: close`, instead of holding the connection forever.
+    #[tokio::test]
+    async fn a_stalled_body_is_answered_408_and_the_connection_closed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
+        let first =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{\"name\""))]);
+        let body = Body::from_stream(futures_util::StreamExt::chain(
+            first,
+            futures_util::stream::pending(),
+        ));
+        let started = std::time::Instant::now();
+        let problem = read_json_within(&headers, body, std::time::Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(problem.status, 408);
+        assert_eq!(problem.slug(), "request_timeout");
+        assert!(problem.detail.contains("0.1 s"), "{}", problem.detail);
+        let resp = problem.into_response();
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        // A body that does arrive in time is read as before.
+        let body = Body::from(r#"{"name": "x"}"#);
+        let value = read_json_within(&headers, body, std::time::Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert_eq!(value["name"], "x");
     }
 
     async fn call_raw_too_large(router: &Router, big: String) {

@@ -113,6 +113,12 @@ impl IntoResponse for Problem {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // RFC 9110 §15.5.9: the connection is closed, since the rest of the request may still
+            // arrive on it.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }
