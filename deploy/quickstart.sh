@@ -61,7 +61,9 @@ fi
     || "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'httpbin==0.10.*' 'gunicorn>=22'
 
 say "starting httpbin (the private app) on 127.0.0.1"
-HOME="$work" "$venv/bin/gunicorn" -b 127.0.0.1:0 -w 2 -k gthread --threads 16 \
+# --graceful-timeout: on Ctrl-C, a worker holding the agent's idle keep-alive connection would
+# otherwise wait gunicorn's default 30 s and then be SIGKILLed (with a scary log line).
+HOME="$work" "$venv/bin/gunicorn" -b 127.0.0.1:0 -w 2 -k gthread --threads 16 --graceful-timeout 2 \
     --chdir "$work" httpbin:app >"$work/httpbin.log" 2>&1 &
 pids+=($!)
 app_addr=$(wait_line "$work/httpbin.log" 'Listening at: http://' 30 | sed -E 's#.*Listening at: http://([0-9.:]+).*#\1#')
@@ -122,7 +124,7 @@ echo
 
 say "ready. Try it yourself:"
 cat <<CURL
-    curl --cacert $AIRLOCK_CA_FILE \\
+    curl -sS --cacert $AIRLOCK_CA_FILE \\
          -H "Authorization: Bearer \$(cat $work/relay/admin-token)" \\
          '$AIRLOCK_RELAY_URL/v1/connections/httpbin/proxy/anything?hello=world'
 
