@@ -25,6 +25,16 @@ use crate::config::{AgentConfig, Profile};
 /// Time allowed for TCP + TLS + WebSocket upgrade + Welcome: 15 s.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How much outgoing data the tunnel's TLS connection may hold before a write waits for the
+/// socket: 512 KiB (rustls' default is 64 KiB).
+///
+/// With the default, each 128 KiB batch of WebSocket messages went out as two `writev` calls
+/// of 64 KiB; now it is one. Sending a response body to the relay then costs half the system
+/// calls. Measured with `deploy/bench`'s topology, 6 alternating pairs: agent CPU per proxied
+/// 1 MiB GET −13 % (median), per 100 MiB download −8 %. Memory is only held while the relay
+/// reads more slowly than upstreams answer, at most this much per tunnel.
+pub const TUNNEL_TLS_BUFFER_LIMIT: usize = 512 * 1024;
+
 /// Live state, for metrics and tests.
 #[derive(Default)]
 pub struct AgentStatus {
@@ -178,6 +188,11 @@ async fn session(
         )
         .await
         .map_err(describe_connect_error)?;
+        if let tokio_tungstenite::MaybeTlsStream::Rustls(tls) = ws.get_mut() {
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(TUNNEL_TLS_BUFFER_LIMIT));
+        }
         let hello = Hello {
             versions: proto::SUPPORTED_VERSIONS.to_vec(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
