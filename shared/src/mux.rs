@@ -1520,6 +1520,18 @@ mod tests {
         agent_done: tokio::task::JoinHandle<CloseReason>,
     }
 
+    /// Opens a stream with an empty request body at `path` and answers it with a streamed 200:
+    /// the relay's reader and the agent's side of the stream.
+    async fn answered_stream(p: &mut Pair, path: &str) -> (RecvStream, IncomingStream) {
+        let (send, recv) = p.relay.open(head(path), Bytes::new()).unwrap();
+        send.finish().unwrap();
+        let mut s = p.incoming.accept().await.unwrap();
+        s.send
+            .send_response(200, vec![], BodyKind::Streamed)
+            .unwrap();
+        (recv, s)
+    }
+
     async fn pair() -> Pair {
         let (r, a) = ws_pair().await;
         let (relay, rd, _) = Mux::new(r, config(Role::Relay));
@@ -1630,12 +1642,7 @@ mod tests {
     #[tokio::test]
     async fn sender_stops_at_the_window_until_the_receiver_reads() {
         let mut p = pair().await;
-        let (send, mut recv) = p.relay.open(head("/"), Bytes::new()).unwrap();
-        send.finish().unwrap();
-        let mut s = p.incoming.accept().await.unwrap();
-        s.send
-            .send_response(200, vec![], BodyKind::Streamed)
-            .unwrap();
+        let (mut recv, s) = answered_stream(&mut p, "/").await;
         // The window is 128 KiB: 1 MiB cannot be sent while nobody reads.
         let big = Bytes::from(vec![1u8; 1024 * 1024]);
         let mut agent_send = s.send;
@@ -1653,12 +1660,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_response_reader_cancels_the_agent_stream() {
         let mut p = pair().await;
-        let (send, mut recv) = p.relay.open(head("/"), Bytes::new()).unwrap();
-        send.finish().unwrap();
-        let mut s = p.incoming.accept().await.unwrap();
-        s.send
-            .send_response(200, vec![], BodyKind::Streamed)
-            .unwrap();
+        let (mut recv, mut s) = answered_stream(&mut p, "/").await;
         s.send.send_data(Bytes::from_static(b"x")).await.unwrap();
         assert!(matches!(recv.recv().await, Some(Inbound::Response(_))));
         drop(recv);
@@ -1699,12 +1701,7 @@ mod tests {
         .expect("credit of discarded data was returned")
         .unwrap();
         // A second stream can still use the whole connection window.
-        let (send_b, mut recv_b) = p.relay.open(head("/b"), Bytes::new()).unwrap();
-        send_b.finish().unwrap();
-        let mut b = p.incoming.accept().await.unwrap();
-        b.send
-            .send_response(200, vec![], BodyKind::Streamed)
-            .unwrap();
+        let (mut recv_b, mut b) = answered_stream(&mut p, "/b").await;
         let writer = tokio::spawn(async move {
             b.send
                 .send_data(Bytes::from(vec![9u8; 512 * 1024]))
