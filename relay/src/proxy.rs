@@ -387,10 +387,7 @@ pub async fn proxy(
         .find(|(k, _)| k == "name")
         .map(|(_, v)| v.as_str())
         .unwrap_or_default();
-    match proxy_inner(&state, name, req).await {
-        Ok(r) => r,
-        Err(p) => p.into_response(),
-    }
+    serve(&state, name, req).await
 }
 
 async fn proxy_inner(state: &AppState, name: &str, req: Request) -> Result<Response, Problem> {

@@ -277,7 +277,6 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let service = app;
             let result = match acceptor {
                 Some(acceptor) => {
                     let tls =
@@ -294,9 +293,9 @@ async fn accept_loop(
                                 return;
                             }
                         };
-                    serve_http1(TokioIo::new(tls), service, &shutdown).await
+                    serve_http1(TokioIo::new(tls), app, &shutdown).await
                 }
-                None => serve_http1(TokioIo::new(tcp), service, &shutdown).await,
+                None => serve_http1(TokioIo::new(tcp), app, &shutdown).await,
             };
             if let Err(e) = result {
                 debug!(%peer, error = %e, "connection ended with an error");
