@@ -407,10 +407,12 @@ pub fn decode(bytes: &Bytes, max_frame_size: usize) -> Result<Frame, DecodeError
             max: max_frame_size,
         });
     }
-    // Head frames: decoded borrowing from `bytes`, so header values and the spec become slices
-    // of the message instead of one copy each.
-    match bincode::serde::decode_from_slice::<u32, _>(bytes, config()) {
-        Ok((OPEN_VARIANT, _)) => {
+    // One dispatch on the variant. Head frames are decoded borrowing from `bytes`, so header
+    // values and the spec become slices of the message instead of one copy each; `Data` takes
+    // the fast path; every other frame the generic decoder.
+    let variant = bincode::serde::decode_from_slice::<u32, _>(bytes, config()).map(|(v, _)| v);
+    match variant {
+        Ok(OPEN_VARIANT) => {
             let ((_, open), used) =
                 bincode::serde::borrow_decode_from_slice::<(u32, OpenRef<'_>), _>(bytes, config())
                     .map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -426,7 +428,7 @@ pub fn decode(bytes: &Bytes, max_frame_size: usize) -> Result<Frame, DecodeError
                 spec: bytes.slice_ref(open.spec),
             }));
         }
-        Ok((RESPONSE_VARIANT, _)) => {
+        Ok(RESPONSE_VARIANT) => {
             let ((_, resp), used) = bincode::serde::borrow_decode_from_slice::<
                 (u32, ResponseRef<'_>),
                 _,
@@ -440,28 +442,28 @@ pub fn decode(bytes: &Bytes, max_frame_size: usize) -> Result<Frame, DecodeError
                 body: resp.body,
             }));
         }
-        _ => {}
-    }
-    // Fast path for the hot frame: read the header with bincode, slice the payload.
-    if let Ok(((variant, stream, len), header)) =
-        bincode::serde::decode_from_slice::<(u32, u32, u64), _>(bytes, config())
-    {
-        if variant == DATA_VARIANT {
-            let rest = bytes.len() - header;
-            let len = usize::try_from(len).unwrap_or(usize::MAX);
-            if len > rest {
-                return Err(DecodeError::Malformed(format!(
-                    "Data frame declares {len} bytes but carries {rest}"
-                )));
+        // Fast path for the hot frame: read the header with bincode, slice the payload.
+        Ok(DATA_VARIANT) => {
+            if let Ok(((_, stream, len), header)) =
+                bincode::serde::decode_from_slice::<(u32, u32, u64), _>(bytes, config())
+            {
+                let rest = bytes.len() - header;
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if len > rest {
+                    return Err(DecodeError::Malformed(format!(
+                        "Data frame declares {len} bytes but carries {rest}"
+                    )));
+                }
+                if len < rest {
+                    return Err(DecodeError::TrailingBytes(rest - len));
+                }
+                return Ok(Frame::Data {
+                    stream: StreamId(stream),
+                    data: bytes.slice(header..),
+                });
             }
-            if len < rest {
-                return Err(DecodeError::TrailingBytes(rest - len));
-            }
-            return Ok(Frame::Data {
-                stream: StreamId(stream),
-                data: bytes.slice(header..),
-            });
         }
+        _ => {}
     }
     let (frame, used) = bincode::serde::decode_from_slice::<Frame, _>(bytes, config())
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
