@@ -38,8 +38,10 @@ import urllib.request
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(BENCH))
 RELEASE = os.path.join(ROOT, "target", "release")
-RELAY_BIN = os.path.join(RELEASE, "airlock-relay")
-AGENT_BIN = os.path.join(RELEASE, "airlock-agent")
+# deploy/build-release's output (the profile-guided build we ship), passed on by deploy/bench/run.
+AIRLOCK_BIN_DIR = os.environ.get("AIRLOCK_BIN_DIR") or RELEASE
+RELAY_BIN = os.path.join(AIRLOCK_BIN_DIR, "airlock-relay")
+AGENT_BIN = os.path.join(AIRLOCK_BIN_DIR, "airlock-agent")
 SIM_BIN = os.path.join(RELEASE, "sim-agents")
 RATHOLE_BIN = os.path.join(BENCH, ".tools", "bin", "rathole")
 WRK_LUA = os.path.join(BENCH, "wrk-report.lua")
@@ -1362,6 +1364,7 @@ def main():
             f.write("\n\n".join(result["profiles"].values()) + "\n")
         print(f"\nperf profiles of the relay and agent under c64: {prof}")
     print(f"\nwall time {result['wall_time_s']:.0f} s; machine: {result['host']['cpus']} CPUs, {result['host']['model']}")
+    print(f"Airlock binaries: {AIRLOCK_BIN_DIR} ({result['host']['airlock_build']} build)")
     for n in result["notes"]:
         print("note: " + n)
 
@@ -1392,8 +1395,18 @@ def machine_info():
             "nginx": ver(["nginx", "-v"]), "wrk": ver(["wrk", "-v"])[:40], "curl": ver(["curl", "--version"])[:40],
             "rathole": ver([RATHOLE_BIN, "--version"]),
             "airlock_commit": ver(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+            "airlock_build": airlock_build(),
             # The binaries are built from the working tree: say which sources differ from HEAD.
             "airlock_uncommitted": ver(["git", "-C", ROOT, "status", "--porcelain", "--", "shared", "relay", "agent"])}
+
+
+def airlock_build():
+    """'pgo' or 'plain' as deploy/build-release recorded it; 'unknown' for other binaries."""
+    try:
+        with open(os.path.join(AIRLOCK_BIN_DIR, "BUILD")) as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":
