@@ -78,7 +78,10 @@ fn the_release_build_training_load_runs() {
         .join(format!("pgo-train-{}", std::process::id()));
     let bins = dir.join("bin");
     std::fs::create_dir_all(&bins).unwrap();
-    for (link, name) in [("airlock-relay", "e2e-relay"), ("airlock-agent", "e2e-agent")] {
+    for (link, name) in [
+        ("airlock-relay", "e2e-relay"),
+        ("airlock-agent", "e2e-agent"),
+    ] {
         let target = airlock_tests::binary(name).unwrap();
         let _ = std::fs::remove_file(bins.join(link));
         std::os::unix::fs::symlink(target, bins.join(link)).unwrap();
