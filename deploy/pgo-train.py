@@ -16,9 +16,12 @@ LLVM_PROFILE_FILE points). The load is the kind of traffic the tunnel carries, n
 - proxied requests over the relay's plain and TLS listeners, keep-alive and a new connection per
   request, one and eight at a time; GETs, HEADs and POST uploads with and without a length.
 
-Every answer is checked (status, length, echoed bytes). Any mismatch, a process that does not
-start, or one that does not exit within 20 s of SIGTERM ends the script with status 1, so a broken
-build never yields a profile. Standard library only; loopback only.
+Every answer is checked (status, length, echoed bytes); a request that fails with an exception
+counts as wrong too. A wrong answer, a process that does not start or exits early, or one that does
+not exit with status 0 within 20 s of SIGTERM ends the script with status 1 and a message, so that
+deploy/build-release never builds from a broken training. The run's directory (relay data with its
+throwaway tokens, logs) is removed after a good run and kept after a failed one. Standard library
+only; loopback only.
 """
 
 import http.client
@@ -30,9 +33,11 @@ import socket
 import ssl
 import subprocess
 import sys
+import shutil
 import tempfile
 import threading
 import time
+import traceback
 
 SMALL = b"x" * 100
 ONE_MIB = bytes(range(256)) * 4096
@@ -107,21 +112,34 @@ class App(http.server.BaseHTTPRequestHandler):
         self._send(200, bytes(body))
 
 
-def wait_for(pred, what, timeout=60):
+def fail(message):
+    sys.exit(f"pgo-train: {message}")
+
+
+def wait_for(pred, what, procs, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if pred():
             return
+        for name, p, log in procs:
+            if p.poll() is not None:
+                fail(f"{name} exited with status {p.returncode} before {what}; see {log}")
         time.sleep(0.1)
-    sys.exit(f"pgo-train: {what} did not happen within {timeout} s")
+    fail(f"{what} did not happen within {timeout} s")
 
 
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     bin_dir, work = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
-    os.makedirs(work, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="run-", dir=work)  # a fresh relay data directory every time
+    for b in ("airlock-relay", "airlock-agent"):
+        if not os.access(os.path.join(bin_dir, b), os.X_OK):
+            fail(f"no executable {b} in {bin_dir}")
+    try:
+        os.makedirs(work, exist_ok=True)
+        work = tempfile.mkdtemp(prefix="run-", dir=work)  # a fresh relay data directory every time
+    except OSError as e:
+        fail(f"cannot create a work directory under {work}: {e.strerror}")
     app_port, tls_port, plain_port = free_port(), free_port(), free_port()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", app_port), App)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -131,15 +149,19 @@ def main():
         [f"{bin_dir}/airlock-relay", "serve", "--dev-tls", "--listen", f"127.0.0.1:{tls_port}",
          "--plain-listen", f"127.0.0.1:{plain_port}", "--data-dir", f"{work}/relay"],
         stdout=relay_log, stderr=subprocess.STDOUT)
-    procs = [relay]
+    procs = [("the relay", relay, relay_log.name)]
+    ok = False
     try:
-        wait_for(lambda: "listening on http://" in open(relay_log.name).read(), "the relay listening")
+        wait_for(lambda: "listening on http://" in open(relay_log.name).read(), "the relay listened", procs)
         token = open(f"{work}/relay/admin-token").read().strip()
         env = dict(os.environ, AIRLOCK_RELAY_URL=f"https://127.0.0.1:{tls_port}",
                    AIRLOCK_CA_FILE=f"{work}/relay/tls/ca.pem", AIRLOCK_TOKEN=token)
         cli = f"{bin_dir}/airlock-relay"
         out = subprocess.run([cli, "agents", "create", "train", "--group", "train"], env=env,
-                             check=True, capture_output=True).stdout
+                             capture_output=True)
+        if out.returncode != 0:
+            fail(f"'airlock-relay agents create' failed: {out.stderr.decode(errors='replace')[-300:]}")
+        out = out.stdout
         with open(f"{work}/agent-token", "w") as f:
             f.write(json.loads(out)["token"])
         os.chmod(f"{work}/agent-token", 0o600)
@@ -155,14 +177,16 @@ def main():
             path = f"{work}/{d['name']}.json"
             with open(path, "w") as f:
                 json.dump(d, f)
-            subprocess.run([cli, "connections", "create", "--from-file", path], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
+            out = subprocess.run([cli, "connections", "create", "--from-file", path], env=env,
+                                 capture_output=True)
+            if out.returncode != 0:
+                fail(f"'airlock-relay connections create' failed: {out.stderr.decode(errors='replace')[-300:]}")
         agent_log = open(os.path.join(work, "agent.log"), "w")
         agent = subprocess.Popen(
             [f"{bin_dir}/airlock-agent", "run", "--relay-url", f"wss://127.0.0.1:{tls_port}",
              "--token-file", f"{work}/agent-token", "--ca-file", f"{work}/relay/tls/ca.pem",
              "--allow", f"127.0.0.1:{app_port}"], stdout=agent_log, stderr=subprocess.STDOUT)
-        procs.append(agent)
+        procs.append(("the agent", agent, agent_log.name))
         auth = {"Authorization": f"Bearer {token}"}
 
         def online():
@@ -173,11 +197,11 @@ def main():
             except OSError:
                 return False
 
-        wait_for(online, "the agent coming online")
+        wait_for(online, "the agent came online", procs)
         for name in ("basic", "header"):
             out = subprocess.run([cli, "connections", "test", name], env=env, capture_output=True)
             if out.returncode != 0:
-                sys.exit(f"pgo-train: test request of '{name}' failed: {out.stdout[-300:]!r}")
+                fail(f"test request of '{name}' failed: {out.stdout[-300:]!r}")
 
         tls = ssl.create_default_context(cafile=f"{work}/relay/tls/ca.pem")
         failures = []
@@ -189,6 +213,15 @@ def main():
             data = r.read()
             if r.status != status or (want is not None and data != want):
                 failures.append(f"{method} {path}: {r.status}, {len(data)} bytes: {data[:200]!r}")
+
+        def guarded(job, *args):
+            """Runs one client; an exception (reset, refused, timeout) is a wrong answer."""
+            try:
+                job(*args)
+            except Exception as e:  # noqa: BLE001 - every failure must count
+                failures.append(f"{job.__name__}: {type(e).__name__}: {e}")
+                if os.environ.get("PGO_TRAIN_DEBUG"):
+                    traceback.print_exc()
 
         def client(n, tls_leg, keep_alive, name):
             def connect():
@@ -238,31 +271,49 @@ def main():
                     failures.append(f"GET /big: {r.status}, {n} bytes")
             conn.close()
 
-        jobs = [threading.Thread(target=client, args=(3000, False, True, "basic"))]
-        jobs += [threading.Thread(target=client, args=(600, False, True, "header")) for _ in range(8)]
-        jobs += [threading.Thread(target=client, args=(300, False, False, "basic")) for _ in range(2)]
-        jobs += [threading.Thread(target=client, args=(300, True, True, "header")),
-                 threading.Thread(target=client, args=(100, True, False, "basic")),
-                 threading.Thread(target=bulk)]
+        def job(*args):
+            return threading.Thread(target=guarded, args=args)
+
+        jobs = [job(client, 3000, False, True, "basic")]
+        jobs += [job(client, 600, False, True, "header") for _ in range(8)]
+        jobs += [job(client, 300, False, False, "basic") for _ in range(2)]
+        jobs += [job(client, 300, True, True, "header"), job(client, 100, True, False, "basic"), job(bulk)]
         started = time.time()
         for j in jobs:
             j.start()
         for j in jobs:
             j.join()
+        for name, p, log in procs:
+            if p.poll() is not None:
+                fail(f"{name} exited with status {p.returncode} during the load; see {log}")
         if failures:
-            sys.exit(f"pgo-train: {len(failures)} wrong answers, first: {failures[0]}")
+            fail(f"{len(failures)} wrong answers, first: {failures[0]}")
+        ok = True
         print(f"pgo-train: load done in {time.time() - started:.1f} s", file=sys.stderr)
     finally:
-        for p in reversed(procs):
+        for _, p, _ in reversed(procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
+        stuck = []
+        for name, p, log in reversed(procs):
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
-                sys.exit("pgo-train: a process did not exit within 20 s of SIGTERM; no profile")
+                p.wait()
+                stuck.append(name)
+            # A profile is written at a clean exit only: anything else makes this training void.
+            if ok and p.returncode != 0 and name not in stuck:
+                ok = False
+                print(f"pgo-train: {name} exited with status {p.returncode} after SIGTERM; see {log}",
+                      file=sys.stderr)
         server.shutdown()
+        if stuck:
+            print(f"pgo-train: {' and '.join(stuck)} did not exit within 20 s of SIGTERM", file=sys.stderr)
+            ok = False
+    if not ok:
+        fail(f"training failed; no usable profile (logs in {work})")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
