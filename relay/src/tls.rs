@@ -357,8 +357,9 @@ fn distinguished_name(common_name: &str) -> DistinguishedName {
 /// SubjectPublicKeyInfo, hex) so that two relays' CAs have different names: a client trusting
 /// the wrong one then reports an unknown issuer rather than a bad signature.
 fn ca_params(key: &KeyPair) -> CertificateParams {
-    use sha2::{Digest as _, Sha256};
-    let fingerprint = hex::encode(&Sha256::digest(key.public_key_der())[..8]);
+    let fingerprint = hex::encode(
+        &ring::digest::digest(&ring::digest::SHA256, &key.public_key_der()).as_ref()[..8],
+    );
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished_name(&format!("{CA_COMMON_NAME} {fingerprint}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
