@@ -193,12 +193,18 @@ pub fn is_non_public(ip: IpAddr) -> bool {
 
 impl DestinationPolicy {
     fn host_admitted_by_name(&self, host: &str, port: Option<u16>) -> bool {
+        self.host_entry_admits(|h| h == host, port)
+    }
+
+    /// True when a `Host` entry whose host satisfies `host_matches` admits `port` (or the
+    /// policy admits every destination).
+    fn host_entry_admits(&self, host_matches: impl Fn(&str) -> bool, port: Option<u16>) -> bool {
         match self {
             DestinationPolicy::Any => true,
             DestinationPolicy::PublicOnly => false,
             DestinationPolicy::AllowList(entries) => entries.iter().any(|e| match e {
                 AllowEntry::Host { host: h, port: p } => {
-                    h == host && (p.is_none() || port.is_none() || *p == port)
+                    host_matches(h) && (p.is_none() || port.is_none() || *p == port)
                 }
                 AllowEntry::Net(_) => false,
             }),
@@ -256,17 +262,7 @@ impl DestinationPolicy {
     /// their canonical text form (see [`AllowEntry::from_str`]), so comparing parsed addresses
     /// gives the same answer as comparing `ip.to_string()` with them.
     fn ip_admitted_by_name(&self, ip: IpAddr, port: Option<u16>) -> bool {
-        match self {
-            DestinationPolicy::Any => true,
-            DestinationPolicy::PublicOnly => false,
-            DestinationPolicy::AllowList(entries) => entries.iter().any(|e| match e {
-                AllowEntry::Host { host: h, port: p } => {
-                    h.parse::<IpAddr>().is_ok_and(|h| h == ip)
-                        && (p.is_none() || port.is_none() || *p == port)
-                }
-                AllowEntry::Net(_) => false,
-            }),
-        }
+        self.host_entry_admits(|h| h.parse::<IpAddr>().is_ok_and(|h| h == ip), port)
     }
 
     fn refusal_reason(&self) -> &'static str {
