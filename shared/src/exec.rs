@@ -303,11 +303,17 @@ impl DestinationPolicy {
     }
 }
 
+/// The refusal of `host` (a name or an IP literal) and `port`. An IPv6 literal followed by a
+/// port is bracketed, as in a URL's authority (RFC 3986 §3.2.2): `[::1]:8080`, not `::1:8080`.
 fn refused(host: &str, port: Option<u16>, why: &str) -> ExecError {
-    let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+    let destination = match port {
+        Some(p) if host.contains(':') => format!("[{host}]:{p}"),
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
     ExecError::new(
         ResetCode::DestinationNotAllowed,
-        format!("destination {host}{port} is {why}"),
+        format!("destination {destination} is {why}"),
     )
 }
 
@@ -1381,7 +1387,11 @@ mod tests {
         let refused = v6
             .check_url(&Url::parse("http://[::2]:9000/").unwrap())
             .unwrap_err();
-        assert!(refused.message.contains("::2:9000"), "{}", refused.message);
+        assert!(
+            refused.message.contains("destination [::2]:9000 "),
+            "{}",
+            refused.message
+        );
         // Names not listed are decided after resolution (there are CIDR entries).
         assert!(list
             .filter_resolved("db.internal", vec!["10.1.9.9:0".parse().unwrap()])
