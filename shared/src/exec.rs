@@ -119,11 +119,15 @@ impl std::str::FromStr for AllowEntry {
             });
         }
         let (host, port) = match s.rsplit_once(':') {
+            // Digits only: `u16::from_str` would also take a leading `+`.
             Some((h, p)) => (
                 h,
                 Some(
-                    p.parse::<u16>()
-                        .map_err(|_| format!("bad port in allow-list entry '{s}'"))?,
+                    p.bytes()
+                        .all(|b| b.is_ascii_digit())
+                        .then(|| p.parse::<u16>().ok())
+                        .flatten()
+                        .ok_or_else(|| format!("bad port in allow-list entry '{s}'"))?,
                 ),
             ),
             None => (s, None),
@@ -1362,6 +1366,10 @@ mod tests {
         );
         assert!("a b".parse::<AllowEntry>().is_err());
         assert!("host:99999".parse::<AllowEntry>().is_err());
+        for bad in ["host:+80", "127.0.0.1:+80", "host:-1", "host:", "host: 80"] {
+            let err = bad.parse::<AllowEntry>().unwrap_err();
+            assert!(err.contains("bad port"), "{bad}: {err}");
+        }
     }
 
     #[test]
