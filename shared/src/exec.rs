@@ -120,16 +120,10 @@ impl std::str::FromStr for AllowEntry {
         }
         let (host, port) = match s.rsplit_once(':') {
             // Digits only: `u16::from_str` would also take a leading `+`.
-            Some((h, p)) => (
-                h,
-                Some(
-                    p.bytes()
-                        .all(|b| b.is_ascii_digit())
-                        .then(|| p.parse::<u16>().ok())
-                        .flatten()
-                        .ok_or_else(|| format!("bad port in allow-list entry '{s}'"))?,
-                ),
-            ),
+            Some((h, p)) => match p.parse::<u16>() {
+                Ok(port) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(port)),
+                _ => return Err(format!("bad port in allow-list entry '{s}'")),
+            },
             None => (s, None),
         };
         let valid = !host.is_empty()
