@@ -131,7 +131,8 @@ pub enum Auth {
     Basic {
         /// The user-id; must not contain `:` (RFC 7617 §2).
         username: String,
-        /// The password; may be empty. Encoded as UTF-8 (RFC 7617 §2.1, `charset="UTF-8"`).
+        /// The password; may be empty, no control characters (RFC 7617 §2). Encoded as UTF-8
+        /// (RFC 7617 §2.1, `charset="UTF-8"`).
         #[serde(default)]
         password: Secret,
     },
@@ -246,7 +247,7 @@ impl Auth {
     /// [`ValidationError`] naming the field, e.g. `auth.headers[0].name`.
     pub fn validate(&self, prefix: &str) -> Result<(), ValidationError> {
         let field = |rest: &str| format!("{prefix}.{rest}");
-        if let Some((username, _)) = self.basic_credentials() {
+        if let Some((username, password)) = self.basic_credentials() {
             if username.contains(':') {
                 return Err(ValidationError::new(
                     field("username"),
@@ -257,6 +258,13 @@ impl Auth {
                 return Err(ValidationError::new(
                     field("username"),
                     "must not contain control characters",
+                ));
+            }
+            // RFC 7617 section 2 forbids them in the password too. The message never echoes it.
+            if password.expose().chars().any(char::is_control) {
+                return Err(ValidationError::new(
+                    field("password"),
+                    "must not contain control characters (RFC 7617 section 2)",
                 ));
             }
         }
@@ -879,6 +887,14 @@ mod tests {
                 "auth.username",
             ),
             (
+                serde_json::json!({"name": "a", "base_url": "http://a", "auth": {"type": "basic", "username": "u", "password": "hun\r\nter2"}}),
+                "auth.password",
+            ),
+            (
+                serde_json::json!({"name": "a", "base_url": "http://a", "auth": {"type": "custom", "username": "u", "password": "hun\u{0}ter2"}}),
+                "auth.password",
+            ),
+            (
                 serde_json::json!({"name": "a", "base_url": "http://a", "network": {"private": true}}),
                 "network.agent_group",
             ),
@@ -890,6 +906,10 @@ mod tests {
         for (json, field) in cases {
             let err = def(json.clone()).unwrap().validate().unwrap_err();
             assert_eq!(err.field, field, "{json}");
+            assert!(
+                !err.to_string().contains("hun"),
+                "the password leaked: {err}"
+            );
         }
     }
 
