@@ -118,9 +118,16 @@ say "test request (GET /basic-auth/user/passwd through the agent)"
 "$relay_bin" connections test httpbin 2>&1 | sed 's/^/    /'
 
 say "proxied call: GET /v1/connections/httpbin/proxy/basic-auth/user/passwd"
-curl -sS --cacert "$AIRLOCK_CA_FILE" -H "Authorization: Bearer $AIRLOCK_TOKEN" \
-    "$AIRLOCK_RELAY_URL/v1/connections/httpbin/proxy/basic-auth/user/passwd" | sed 's/^/    /'
+status=$(curl -sS -o "$work/proxied.json" -w '%{http_code}' --cacert "$AIRLOCK_CA_FILE" \
+    -H "Authorization: Bearer $AIRLOCK_TOKEN" \
+    "$AIRLOCK_RELAY_URL/v1/connections/httpbin/proxy/basic-auth/user/passwd")
+echo "    HTTP $status"
+sed 's/^/    /' "$work/proxied.json"
 echo
+if [[ "$status" != 200 ]]; then
+    echo "error: the proxied call answered $status, not 200; see $work/{relay,agent}.log" >&2
+    exit 1
+fi
 
 say "ready. Try it yourself:"
 cat <<CURL
@@ -128,6 +135,6 @@ cat <<CURL
          -H "Authorization: Bearer \$(cat $work/relay/admin-token)" \\
          '$AIRLOCK_RELAY_URL/v1/connections/httpbin/proxy/anything?hello=world'
 
-Logs: $work/{relay,agent,httpbin}.log   Press Ctrl-C to stop everything.
+Logs: $work/{relay,agent,httpbin}.log (stdout: {relay,agent}.out)   Press Ctrl-C to stop everything.
 CURL
 wait
