@@ -44,10 +44,19 @@ ONE_MIB = bytes(range(256)) * 4096
 BIG_LEN = 16 * 1024 * 1024
 
 
+_PORTS_GIVEN = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this run: the kernel may give a port that
+    was bound and released a moment ago to the next bind, so two calls could otherwise agree."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 class App(http.server.BaseHTTPRequestHandler):

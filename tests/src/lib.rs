@@ -79,7 +79,9 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago and that no earlier call in this test
+/// process returned: the kernel may hand a port that was just bound and released to the next
+/// bind, so two calls (from one test or from tests running in parallel) could otherwise agree.
 ///
 /// Prefer letting a server bind port 0 and report its address; this is for the few programs
 /// that cannot.
@@ -88,10 +90,18 @@ pub fn workspace_root() -> PathBuf {
 ///
 /// If binding 127.0.0.1:0 fails.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// An HTTP client for plain-HTTP test traffic (upstreams, metrics): no proxy, 10 s connect
